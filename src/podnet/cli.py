@@ -1,0 +1,259 @@
+"""`podnet`: bring pods up from Kubernetes manifests and look at the node.
+
+    podnet up -f pods.yaml [-d]        bring pods up (foreground until Ctrl-C, or -d in the background)
+    podnet status [-o json]            pods with IP, node, phase and readiness (kubectl get pods -o wide)
+    podnet exec [-n NS] POD -- CMD...  run a command inside a pod; its output and exit code are yours
+    podnet stats [-o json]             what the datapath counted
+    podnet down                        stop the running lab and remove everything it made
+    podnet clean                       remove what a killed podnet run left behind
+
+Layer: lab (the user's edge). Commands other than `up` and `clean` talk to the running lab over its
+control socket (`podnet.control`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from podnet.control import ControlError, request, socket_path
+from podnet.errors import PodnetError
+
+
+def _state_dir(args) -> str:
+    from podnet.linux.resources import state_dir_default
+    return args.state_dir or state_dir_default()
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_pods(pods: list[dict]) -> str:
+    rows = [["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "IP", "NODE"]]
+    rows += [[p["namespace"], p["name"], p["ready"], p["phase"], p["restarts"], p["ip"], p["node"]] for p in pods]
+    return _table(rows)
+
+
+def format_stats(stats: dict) -> str:
+    rows = [["PORT", "KIND", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES"]]
+    rows += [[p["name"], p["kind"], p["rx_packets"], p["rx_bytes"], p["tx_packets"], p["tx_bytes"]] for p in stats["ports"]]
+    out = [_table(rows), ""]
+    out.append(f"fast path packets {stats['fast_path_packets']}, slow path packets {stats['slow_path_packets']}, "
+               f"flows {stats['flows']} (installed {stats['flows_installed']}), arp replies {stats['arp_replies']}, "
+               f"icmp sent {stats['icmp_sent']}")
+    drops = stats["drops"]
+    out.append("drops: " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) if drops else "none"))
+    return "\n".join(out)
+
+
+# ---- up ---------------------------------------------------------------------------------------
+
+def _lab_config(args):
+    from podnet.lab import LabConfig
+    return LabConfig(node_cidr=args.node_cidr, prefix=args.prefix, offloads=args.offloads,
+                     state_dir=_state_dir(args))
+
+
+def _lab_running(state_dir: str) -> dict | None:
+    try:
+        return request(state_dir, "ping", timeout_s=2)
+    except (ControlError, ValueError):
+        return None
+
+
+async def _serve_lab(args, on_ready) -> None:
+    import trio
+
+    from podnet.control import ControlServer
+    from podnet.lab import open_lab
+
+    config = _lab_config(args)
+    async with open_lab(args.file, config, wait_ready_s=args.timeout) as lab:
+        stop = trio.Event()
+        server = ControlServer(lab, socket_path(config.state_dir), stop)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            server.ready = True
+            on_ready(lab)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                async def wait_signal():
+                    async for _ in signals:
+                        stop.set()
+                        return
+                nursery.start_soon(wait_signal)
+                await stop.wait()
+            nursery.cancel_scope.cancel()
+
+
+def cmd_up(args) -> int:
+    import trio
+
+    from podnet.cluster.manifest import load_manifests
+    state_dir = _state_dir(args)
+    running = _lab_running(state_dir)
+    if running:
+        print(f"podnet: a lab is already running (pid {running['pid']}); `podnet down` first", file=sys.stderr)
+        return 1
+    load_manifests(args.file)  # a bad manifest fails here, before anything is created
+    if args.detach:
+        return _up_detached(args, state_dir)
+
+    def ready(lab) -> None:
+        print(format_pods(lab.status()), flush=True)
+        if not args.daemon_child:
+            print("\npodnet: lab is up; Ctrl-C stops it", flush=True)
+
+    trio.run(_serve_lab, args, ready)
+    return 0
+
+
+def _up_detached(args, state_dir: str) -> int:
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    log_path = Path(state_dir) / "lab.log"
+    argv = [sys.executable, "-m", "podnet.cli", "--state-dir", state_dir, "up", "--daemon-child",
+            "--node-cidr", args.node_cidr, "--prefix", args.prefix, "--timeout", str(args.timeout)]
+    argv += [] if args.offloads else ["--no-offloads"]
+    for f in args.file:
+        argv += ["-f", str(Path(f).resolve())]
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    deadline = time.monotonic() + args.timeout + 30
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            print(f"podnet: the lab exited with {code} while starting:\n{log_path.read_text()[-4000:]}", file=sys.stderr)
+            return 1
+        reply = _lab_running(state_dir)
+        if reply and reply.get("ready") and reply.get("pid") == child.pid:
+            print(format_pods(request(state_dir, "status")["pods"]))
+            print(f"\npodnet: lab running in the background (pid {child.pid}, log {log_path}); `podnet down` stops it")
+            return 0
+        time.sleep(0.1)
+    print(f"podnet: the lab did not come up in time; see {log_path}", file=sys.stderr)
+    child.send_signal(signal.SIGTERM)
+    return 1
+
+
+# ---- the other commands -----------------------------------------------------------------------
+
+def cmd_status(args) -> int:
+    pods = request(_state_dir(args), "status")["pods"]
+    print(json.dumps(pods, indent=2) if args.output == "json" else format_pods(pods))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    stats = request(_state_dir(args), "stats")["stats"]
+    print(json.dumps(stats, indent=2) if args.output == "json" else format_stats(stats))
+    return 0
+
+
+def cmd_exec(args) -> int:
+    from podnet.linux.netns import run_in_netns
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        print("podnet exec: no command given (podnet exec POD -- CMD...)", file=sys.stderr)
+        return 2
+    pods = request(_state_dir(args), "status")["pods"]
+    matches = [p for p in pods if p["name"] == args.pod and (args.namespace is None or p["namespace"] == args.namespace)]
+    if not matches:
+        where = f" in namespace {args.namespace!r}" if args.namespace else ""
+        print(f'Error from server (NotFound): pods "{args.pod}" not found{where}', file=sys.stderr)
+        return 1
+    if len(matches) > 1:
+        print(f"podnet exec: pod {args.pod!r} is in namespaces {', '.join(p['namespace'] for p in matches)}; use -n",
+              file=sys.stderr)
+        return 1
+    try:
+        done = run_in_netns(matches[0]["netns"], subprocess.run, argv)
+    except FileNotFoundError:
+        print(f"podnet exec: {argv[0]}: executable file not found", file=sys.stderr)
+        return 127
+    return done.returncode
+
+
+def cmd_down(args) -> int:
+    state_dir = _state_dir(args)
+    running = _lab_running(state_dir)
+    if not running:
+        print("podnet: no lab is running")
+        return 0
+    request(state_dir, "down")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(running["pid"], 0)
+        except ProcessLookupError:
+            print(f"podnet: lab (pid {running['pid']}) stopped and cleaned up")
+            return 0
+        time.sleep(0.1)
+    print(f"podnet: lab (pid {running['pid']}) did not stop within 60 s", file=sys.stderr)
+    return 1
+
+
+def cmd_clean(args) -> int:
+    from podnet.linux.resources import clean
+    report = clean(prefix=args.prefix, state_dir=_state_dir(args))
+    removed = [f"{e.kind.value} {e.name}" for e in report.removed]
+    print("podnet clean: removed " + (", ".join(removed) if removed else "nothing"))
+    for error in report.errors:
+        print(f"podnet clean: {error}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from podnet.linux.names import DEFAULT_PREFIX
+    parser = argparse.ArgumentParser(prog="podnet", description="Kubernetes pod networking in a Python datapath")
+    parser.add_argument("--state-dir", help="journals, logs, IPAM and the control socket (default /run/podnet)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="bring pods up from manifests")
+    up.add_argument("-f", "--file", action="append", required=True, help="manifest file (repeatable)")
+    up.add_argument("-d", "--detach", action="store_true", help="run the lab in the background")
+    up.add_argument("--node-cidr", default="10.244.0.0/24")
+    up.add_argument("--prefix", default=DEFAULT_PREFIX, help="name prefix of namespaces and devices")
+    up.add_argument("--no-offloads", dest="offloads", action="store_false", help="TAPs without TSO/checksum offload")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for pods to become ready")
+    up.add_argument("--daemon-child", action="store_true", help=argparse.SUPPRESS)
+    up.set_defaults(func=cmd_up)
+
+    for name, func, text in (("status", cmd_status, "list pods"), ("stats", cmd_stats, "datapath counters")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-o", "--output", choices=["wide", "json"], default="wide")
+        p.set_defaults(func=func)
+
+    ex = sub.add_parser("exec", help="run a command inside a pod")
+    ex.add_argument("-n", "--namespace")
+    ex.add_argument("pod")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.set_defaults(func=cmd_exec)
+
+    sub.add_parser("down", help="stop the running lab").set_defaults(func=cmd_down)
+    cl = sub.add_parser("clean", help="remove what a killed run left behind")
+    cl.add_argument("--prefix", default=DEFAULT_PREFIX)
+    cl.set_defaults(func=cmd_clean)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PodnetError, ControlError) as exc:
+        print(f"podnet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""The per-node pipeline: frames in, actions out.
+
+Layer: core, sans-IO. `process(frame, in_port, now)` returns what to do with one frame — a list of
+`Transmit` and `Drop` — and never touches a device, a socket or a clock; the runtime does the I/O
+and passes `now` (monotonic seconds). Expiry happens only in `handle_timer(now)`, and
+`next_deadline()` says when that is due.
+
+A frame's way through the slow path, one named stage after another (each stage counts the frames
+it saw, and `trace()` records each decision):
+
+    port → eth (length, ethertype) → [bridge: learn, switch L2 frames] → arp (proxy-ARP gateway)
+         → ipv4 (ip_rcv's checks) → rpf (a pod may only send from its own address)
+         → route (longest prefix match) → local (ICMP echo from the gateway) | ttl → forward
+
+A frame the slow path forwards installs a flow-cache entry keyed by (in_port, protocol, addresses,
+ports). Later frames of that flow take the fast path: the same validation, a dict probe, a TTL
+decrement and a 12-byte MAC rewrite. The cache is flushed whenever ports or routes change, so it
+never answers differently from the slow path. Per-flow counters are kept on the entry and folded
+into the totals when the entry goes, so the fast path pays for one counter update, not five.
+
+Invariants:
+- Wire input never raises: every bad frame is a `Drop` with a `DropReason`, counted.
+- `frame` is a mutable buffer (bytearray or writable memoryview) and is rewritten in place; a
+  `Transmit` may refer to it, so the caller writes it out before reusing the buffer.
+- A virtio-net header (`vnet`) passes through unchanged: forwarding changes only the TTL and the
+  MACs, neither of which a partial checksum covers. Frames podnet originates carry `vnet=None`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from . import packet as pk
+from .l2 import GATEWAY_IP, GATEWAY_MAC, LearningBridge, ProxyArp
+from .packet import DropReason
+from .routing import Route, RouteTable
+
+# ver_ihl, tot_len, frag, ttl, proto, src, dst, ports — read in one call for the fast path
+_FAST = struct.Struct("!BxHxxHBBxxIII")
+_FLOW_SWEEP_INTERVAL_S = 1.0
+
+
+class PortKind(enum.Enum):
+    POD = "pod"
+    UPLINK = "uplink"
+
+
+class NodeMode(enum.Enum):
+    ROUTED = "routed"   # Calico style: /32 pods, proxy-ARP gateway 169.254.1.1
+    BRIDGE = "bridge"   # kubenet cbr0 style: pods share the node /24 behind a learning bridge
+
+
+class Transmit(NamedTuple):
+    port: int
+    frame: bytes | bytearray | memoryview
+    vnet: bytes | None = None
+
+
+class Drop(NamedTuple):
+    reason: DropReason
+    port: int
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Port:
+    id: int
+    name: str
+    kind: PortKind
+    mac: bytes            # the MAC of the device on the other side (the pod's eth0)
+    ip: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    stage: str
+    decision: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.stage:<8} {self.decision}{'  ' + self.detail if self.detail else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    frame: str
+    in_port: str
+    steps: tuple[TraceStep, ...]
+    actions: tuple[Transmit | Drop, ...]
+
+    def __str__(self) -> str:
+        lines = [f"{self.frame}  (in {self.in_port})"]
+        lines += [f"  {step}" for step in self.steps]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class PortStatistics:
+    name: str
+    kind: str
+    rx_packets: int
+    rx_bytes: int
+    tx_packets: int
+    tx_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathStatistics:
+    ports: tuple[PortStatistics, ...]
+    drops: dict[str, int]
+    stages: dict[str, int]
+    fast_path_packets: int
+    slow_path_packets: int
+    flows: int
+    flows_installed: int
+    flow_table_full: int
+    arp_replies: int
+    icmp_sent: int
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """Per-frame state of the slow path: `commit` is False while tracing (no side effects)."""
+
+    now: float
+    commit: bool = True
+    steps: list[TraceStep] | None = None
+
+    def step(self, stage: str, decision: str, detail: str = "") -> None:
+        if self.steps is not None:
+            self.steps.append(TraceStep(stage, decision, detail))
+
+
+# flow-cache entry layout (a list, for speed): out port, new Ethernet dst+src, packets, bytes, last seen
+_OUT, _ETH, _PKTS, _BYTES, _SEEN = range(5)
+
+
+@dataclass
+class _Counters:
+    rx: Counter = field(default_factory=Counter)        # port -> packets (slow path, retired flows)
+    rx_bytes: Counter = field(default_factory=Counter)
+    tx: Counter = field(default_factory=Counter)
+    tx_bytes: Counter = field(default_factory=Counter)
+    drops: Counter = field(default_factory=Counter)
+    stages: Counter = field(default_factory=Counter)
+    fast: int = 0            # fast-path packets of flows already retired
+    slow: int = 0
+    flows_installed: int = 0
+    flow_table_full: int = 0
+    arp_replies: int = 0
+    icmp_sent: int = 0
+
+
+class Datapath:
+    """One node's dataplane. Ports are small integers handed out by `add_port`."""
+
+    def __init__(self, *, mode: NodeMode = NodeMode.ROUTED, node_cidr: str = "10.244.0.0/24",
+                 gateway_ip: str | None = None, gateway_mac: str = GATEWAY_MAC,
+                 flow_idle_timeout_s: float = 30.0, max_flows: int = 65536) -> None:
+        self.mode = mode
+        self.node_cidr = node_cidr
+        if gateway_ip is None:
+            # routed: the link-local gateway every pod routes to; bridge: the bridge's .1 in the node CIDR
+            gateway_ip = GATEWAY_IP if mode is NodeMode.ROUTED else pk.ip_str(pk.ip_int(node_cidr.split("/")[0]) + 1)
+        self.gateway_ip = pk.ip_int(gateway_ip)
+        self.gateway_mac = pk.mac_bytes(gateway_mac)
+        self.flow_idle_timeout_s = flow_idle_timeout_s
+        self.max_flows = max_flows
+        self.routes = RouteTable()
+        self.arp = ProxyArp(self.gateway_mac, {self.gateway_ip})
+        self.bridge = LearningBridge() if mode is NodeMode.BRIDGE else None
+        self._ports: dict[int, Port] = {}
+        self._flows: dict[tuple, list] = {}
+        self._next_sweep: float | None = None
+        self._c = _Counters()
+        self._next_port = 1
+        self.routes.add(f"{pk.ip_str(self.gateway_ip)}/32", 0, kind="local")
+        self.routes.add(node_cidr, 0, kind="unreachable")  # the node's own block: no pod, no route
+
+    # ---- configuration -----------------------------------------------------------------------
+
+    def add_port(self, name: str, kind: PortKind, mac: str | bytes, ip: str | None = None) -> int:
+        port = Port(self._next_port, name, kind, pk.mac_bytes(mac), pk.ip_int(ip) if ip else None)
+        self._next_port += 1
+        self._ports[port.id] = port
+        if kind is PortKind.POD and port.ip is not None:
+            self.routes.add(f"{pk.ip_str(port.ip)}/32", port.id)
+        if self.bridge is not None and kind is PortKind.POD:
+            self.bridge.add_port(port.id)
+        self._flush_flows()
+        return port.id
+
+    def remove_port(self, port_id: int) -> None:
+        if self._ports.pop(port_id, None) is None:
+            return
+        self.routes.remove_port(port_id)
+        if self.bridge is not None:
+            self.bridge.remove_port(port_id)
+        self._flush_flows()
+
+    def add_route(self, cidr: str, port_id: int, via: str | None = None) -> Route:
+        route = self.routes.add(cidr, port_id, via)
+        self._flush_flows()
+        return route
+
+    def port(self, port_id: int) -> Port:
+        return self._ports[port_id]
+
+    def ports(self) -> list[Port]:
+        return list(self._ports.values())
+
+    # ---- the packet path ---------------------------------------------------------------------
+
+    def process(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> list[Transmit | Drop]:
+        if type(frame) is bytes:
+            frame = bytearray(frame)
+        n = len(frame)
+        if n >= 38 and frame[12] == 8 and frame[13] == 0:
+            ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
+            flow = self._flows.get((in_port, proto, src, dst, ports))
+            if (flow is not None and ver_ihl == 0x45 and not frag & 0x3FFF and ttl > 1
+                    and 28 <= tot_len <= n - 14 and frame[0:6] == self.gateway_mac
+                    and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0):
+                pk.decrement_ttl(frame, ttl)
+                frame[0:12] = flow[_ETH]
+                flow[_PKTS] += 1
+                flow[_BYTES] += n
+                flow[_SEEN] = now
+                return [Transmit(flow[_OUT], frame, vnet)]
+        return self._slow(frame, in_port, vnet, _Ctx(now))
+
+    def trace(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> Trace:
+        """Every decision the slow path would make for `frame`, without changing any state."""
+        frame = bytearray(frame)
+        description = pk.describe(frame)
+        ctx = _Ctx(now, commit=False, steps=[])
+        flow_hit = self._flow_key(frame, in_port) in self._flows
+        if flow_hit:
+            ctx.step("flow", "cached", "an established flow would take the fast path with the same result")
+        actions = self._slow(frame, in_port, vnet, ctx)
+        port = self._ports.get(in_port)
+        return Trace(description, port.name if port else str(in_port), tuple(ctx.steps), tuple(actions))
+
+    def _flow_key(self, frame, in_port: int) -> tuple | None:
+        if len(frame) < 38 or frame[12:14] != b"\x08\x00":
+            return None
+        _vi, _tl, _fr, _ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
+        return (in_port, proto, src, dst, ports)
+
+    def _slow(self, frame, in_port: int, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
+        c = self._c
+        port = self._ports.get(in_port)
+        if port is None:
+            return [self._drop(ctx, DropReason.UNKNOWN_PORT, in_port, "eth", f"no port {in_port}")]
+        if ctx.commit:
+            c.slow += 1
+            c.rx[in_port] += 1
+            c.rx_bytes[in_port] += len(frame)
+            c.stages["eth"] += 1
+        if len(frame) < pk.ETH_HLEN:
+            return [self._drop(ctx, DropReason.FRAME_TOO_SHORT, in_port, "eth", f"{len(frame)} bytes")]
+        ethertype = frame[12] << 8 | frame[13]
+        dst_mac = bytes(frame[0:6])
+        ctx.step("eth", f"ethertype 0x{ethertype:04x}", f"{pk.mac_str(bytes(frame[6:12]))} > {pk.mac_str(dst_mac)}")
+        if self.bridge is not None and port.kind is PortKind.POD:
+            if ctx.commit:
+                self.bridge.learn(bytes(frame[6:12]), in_port, ctx.now)
+            ctx.step("bridge", "learn", f"{pk.mac_str(bytes(frame[6:12]))} on {port.name}")
+        if ethertype == pk.ETH_P_ARP:
+            return self._arp(frame, port, dst_mac, vnet, ctx)
+        if ethertype == 0x8100:
+            return [self._drop(ctx, DropReason.VLAN_TAGGED, in_port, "eth")]
+        if ethertype != pk.ETH_P_IP:
+            return [self._drop(ctx, DropReason.UNSUPPORTED_ETHERTYPE, in_port, "eth", f"0x{ethertype:04x}")]
+        if dst_mac != self.gateway_mac:
+            if self.bridge is not None and port.kind is PortKind.POD:
+                return self._switch(frame, port, dst_mac, vnet, ctx)
+            return [self._drop(ctx, DropReason.NOT_FOR_GATEWAY, in_port, "eth", pk.mac_str(dst_mac))]
+        return self._ipv4(frame, port, vnet, ctx)
+
+    def _arp(self, frame, port: Port, dst_mac: bytes, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
+        if ctx.commit:
+            self._c.stages["arp"] += 1
+        arp = pk.parse_arp(frame)
+        if isinstance(arp, DropReason):
+            return [self._drop(ctx, arp, port.id, "arp")]
+        who = f"who-has {pk.ip_str(arp.tpa)} tell {pk.ip_str(arp.spa)}"
+        if self.arp.answers(arp):
+            ctx.step("arp", "reply", f"{who}: {pk.ip_str(arp.tpa)} is-at {pk.mac_str(self.arp.mac)}")
+            if ctx.commit:
+                self._c.arp_replies += 1
+            return [self._emit(ctx, port.id, pk.build_arp_reply(self.arp.mac, arp.tpa, arp))]
+        if self.bridge is not None and port.kind is PortKind.POD and dst_mac != self.gateway_mac:
+            return self._switch(frame, port, dst_mac, vnet, ctx)
+        return [self._drop(ctx, DropReason.ARP_NOT_PROXIED, port.id, "arp", who)]
+
+    def _switch(self, frame, port: Port, dst_mac: bytes, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
+        """Bridge mode: an L2 frame between pods, forwarded by the learning bridge unchanged."""
+        assert self.bridge is not None
+        if ctx.commit:
+            self._c.stages["bridge"] += 1
+        outs = self.bridge.output_ports(dst_mac, port.id, ctx.now)
+        if not outs:
+            return [self._drop(ctx, DropReason.BRIDGE_SAME_PORT, port.id, "bridge", pk.mac_str(dst_mac))]
+        names = ", ".join(self._ports[o].name for o in outs if o in self._ports)
+        ctx.step("bridge", "forward" if len(outs) == 1 else "flood", f"to {names}")
+        return [self._emit(ctx, o, frame, vnet) for o in outs]
+
+    def _ipv4(self, frame, port: Port, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
+        if ctx.commit:
+            self._c.stages["ipv4"] += 1
+        info = pk.parse_ipv4(frame)
+        if isinstance(info, DropReason):
+            return [self._drop(ctx, info, port.id, "ipv4")]
+        ctx.step("ipv4", "valid", f"{pk.ip_str(info.src)} > {pk.ip_str(info.dst)} proto {info.proto} ttl {info.ttl}")
+        if port.kind is PortKind.POD and info.src != port.ip:
+            return [self._drop(ctx, DropReason.SOURCE_SPOOFED, port.id, "rpf",
+                               f"{pk.ip_str(info.src)} is not {port.name}'s address")]
+        route = self.routes.lookup(info.dst)
+        if route is None or route.kind == "unreachable":
+            why = "no route" if route is None else f"unreachable route {route}"
+            ctx.step("route", why, pk.ip_str(info.dst))
+            code = pk.ICMP_NET_UNREACH if route is None else pk.ICMP_HOST_UNREACH
+            return self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, code, ctx) + [
+                self._drop(ctx, DropReason.NO_ROUTE, port.id, "route", pk.ip_str(info.dst))]
+        ctx.step("route", "match", str(route))
+        if route.kind == "local":
+            return self._local(frame, info, port, ctx)
+        if info.ttl <= 1:
+            return self._icmp_error(frame, info, port, pk.ICMP_TIME_EXCEEDED, pk.ICMP_EXC_TTL, ctx) + [
+                self._drop(ctx, DropReason.TTL_EXCEEDED, port.id, "ttl")]
+        out = self._ports.get(route.port)
+        if out is None:
+            return [self._drop(ctx, DropReason.UNKNOWN_PORT, port.id, "route", f"route to port {route.port}")]
+        pk.decrement_ttl(frame, info.ttl)
+        eth = out.mac + self.gateway_mac
+        frame[0:12] = eth
+        ctx.step("forward", f"to {out.name}", f"ttl {info.ttl - 1}, {pk.mac_str(self.gateway_mac)} > {pk.mac_str(out.mac)}")
+        if ctx.commit and info.ihl == 20 and not info.is_fragment and info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
+            self._install_flow(frame, port.id, info, out.id, eth, ctx.now)
+        return [self._emit(ctx, out.id, frame, vnet)]
+
+    def _local(self, frame, info: pk.IPv4Info, port: Port, ctx: _Ctx) -> list[Transmit | Drop]:
+        """Addressed to the node itself: the gateway answers pings and nothing else."""
+        if info.proto == pk.IPPROTO_ICMP and info.sport >> 8 == pk.ICMP_ECHO and not info.is_fragment:
+            ctx.step("local", "echo reply", f"from {pk.ip_str(info.dst)}")
+            if ctx.commit:
+                self._c.icmp_sent += 1
+            return [self._emit(ctx, port.id, pk.build_icmp_echo_reply(frame, info, self.gateway_mac))]
+        actions: list[Transmit | Drop] = []
+        if info.proto == pk.IPPROTO_UDP:
+            actions += self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, pk.ICMP_PORT_UNREACH, ctx)
+        return actions + [self._drop(ctx, DropReason.LOCAL_NOT_SERVED, port.id, "local",
+                                     f"proto {info.proto} to {pk.ip_str(info.dst)}")]
+
+    def _icmp_error(self, frame, info: pk.IPv4Info, port: Port, icmp_type: int, code: int,
+                    ctx: _Ctx) -> list[Transmit]:
+        if not pk.should_send_icmp_error(frame, info):
+            return []
+        ctx.step("icmp", f"type {icmp_type} code {code}", f"to {pk.ip_str(info.src)}")
+        if ctx.commit:
+            self._c.icmp_sent += 1
+        # sent from the gateway address, which every pod can route back to
+        error = pk.build_icmp_error(frame, info, icmp_type, code, self.gateway_mac, self.gateway_ip)
+        return [self._emit(ctx, port.id, error)]
+
+    def _emit(self, ctx: _Ctx, port_id: int, frame, vnet: bytes | None = None) -> Transmit:
+        if ctx.commit:
+            self._c.tx[port_id] += 1
+            self._c.tx_bytes[port_id] += len(frame)
+        return Transmit(port_id, frame, vnet)
+
+    def _drop(self, ctx: _Ctx, reason: DropReason, port_id: int, stage: str, detail: str = "") -> Drop:
+        ctx.step(stage, f"drop {reason.value}", detail)
+        if ctx.commit:
+            self._c.drops[reason.value] += 1
+        return Drop(reason, port_id, detail)
+
+    # ---- the flow cache ----------------------------------------------------------------------
+
+    def _install_flow(self, frame, in_port: int, info: pk.IPv4Info, out_port: int, eth: bytes,
+                      now: float) -> None:
+        ports = info.sport << 16 | info.dport
+        key = (in_port, info.proto, info.src, info.dst, ports)
+        if key in self._flows:
+            return
+        if len(self._flows) >= self.max_flows:
+            self._c.flow_table_full += 1
+            return
+        # the slow path already counted this frame; the entry counts from the next one
+        self._flows[key] = [out_port, eth, 0, 0, now]
+        self._c.flows_installed += 1
+        if self._next_sweep is None:
+            self._next_sweep = now + _FLOW_SWEEP_INTERVAL_S
+
+    def _retire(self, key: tuple, flow: list) -> None:
+        c = self._c
+        c.fast += flow[_PKTS]
+        c.rx[key[0]] += flow[_PKTS]
+        c.rx_bytes[key[0]] += flow[_BYTES]
+        c.tx[flow[_OUT]] += flow[_PKTS]
+        c.tx_bytes[flow[_OUT]] += flow[_BYTES]
+
+    def _flush_flows(self) -> None:
+        for key, flow in self._flows.items():
+            self._retire(key, flow)
+        self._flows.clear()
+
+    def flows(self) -> list[tuple[tuple, list]]:
+        return list(self._flows.items())
+
+    # ---- timers ------------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        if self._next_sweep is not None and now >= self._next_sweep:
+            idle = [k for k, f in self._flows.items() if now - f[_SEEN] >= self.flow_idle_timeout_s]
+            for key in idle:
+                self._retire(key, self._flows.pop(key))
+            self._next_sweep = now + _FLOW_SWEEP_INTERVAL_S if self._flows else None
+        if self.bridge is not None:
+            self.bridge.expire(now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self._next_sweep, self.bridge.next_deadline() if self.bridge else None)
+                     if d is not None]
+        return min(deadlines) if deadlines else None
+
+    # ---- statistics --------------------------------------------------------------------------
+
+    def statistics(self) -> DatapathStatistics:
+        c = self._c
+        rx, rx_bytes, tx, tx_bytes = Counter(c.rx), Counter(c.rx_bytes), Counter(c.tx), Counter(c.tx_bytes)
+        fast = c.fast
+        for key, flow in self._flows.items():
+            fast += flow[_PKTS]
+            rx[key[0]] += flow[_PKTS]
+            rx_bytes[key[0]] += flow[_BYTES]
+            tx[flow[_OUT]] += flow[_PKTS]
+            tx_bytes[flow[_OUT]] += flow[_BYTES]
+        ports = tuple(PortStatistics(p.name, p.kind.value, rx[p.id], rx_bytes[p.id], tx[p.id], tx_bytes[p.id])
+                      for p in self._ports.values())
+        return DatapathStatistics(ports, dict(c.drops), dict(c.stages), fast, c.slow, len(self._flows),
+                                  c.flows_installed, c.flow_table_full, c.arp_replies, c.icmp_sent)

@@ -1,0 +1,382 @@
+"""A running node: pods from manifests brought up in namespaces, served by the Python datapath.
+
+Layer: lab, the top of the stack (cluster model + core + runtime + linux). `open_lab` is an async
+context manager that does, per pod, what the kubelet and a CNI plugin do on a real node:
+
+    IPAM ADD (host-local order, persisted) → netns `pn-<pod>` (the pause container's role)
+    → TAP opened with a vnet header, moved in, renamed eth0, /32, default via 169.254.1.1 onlink
+    → datapath port + /32 route → each container's command started inside the netns
+    → readiness probes → Ready
+
+and on exit, error or cancellation undoes all of it (containers get SIGTERM, then SIGKILL after the
+grace period). Everything created is journalled by `linux.resources.Resources` first, so
+`podnet clean` can remove what a SIGKILLed lab left behind.
+
+`image` is accepted and ignored: a container is its command, run on this machine's filesystem
+inside the pod's network namespace. `run_lab` is the same for synchronous scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from podnet.cluster.manifest import Manifests, load_manifests
+from podnet.cluster.model import Container, Pod
+from podnet.core.datapath import Datapath, NodeMode, PortKind
+from podnet.core.ipam import DiskStore, MemoryStore, Pool
+from podnet.errors import ConfigError
+from podnet.linux import names
+from podnet.linux.netns import create_netns, delete_netns, popen_in_netns, run_in_netns
+from podnet.linux.pod import plumb_pod
+from podnet.linux.resources import Resources, state_dir_default
+from podnet.linux.tap import Tap, open_tap
+from podnet.probes import ReadinessTracker, run_probe
+from podnet.runtime.ports import FdPort
+from podnet.runtime.serve import Node
+
+log = logging.getLogger(__name__)
+
+_RESTART_BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)  # the kubelet's CrashLoopBackOff steps
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    node_name: str = "node-1"
+    node_cidr: str = "10.244.0.0/24"
+    mode: NodeMode = NodeMode.ROUTED
+    prefix: str = names.DEFAULT_PREFIX
+    offloads: bool = True
+    vnet_hdr: bool = True
+    state_dir: str | None = None       # journals, logs, IPAM (default /run/podnet or $PODNET_STATE_DIR)
+    persist_ipam: bool = True          # host-local's files under <state_dir>/ipam/<node>
+    grace_period_s: float | None = None  # overrides each pod's terminationGracePeriodSeconds
+
+
+@dataclass
+class ContainerState:
+    container: Container
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    readiness: ReadinessTracker | None = None
+    log_path: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def ready(self) -> bool:
+        if not self.running:
+            return False
+        return self.readiness.ready if self.readiness is not None else True
+
+
+@dataclass
+class PodState:
+    pod: Pod
+    netns: str
+    ip: str
+    mac: str
+    port_id: int
+    tap: Tap
+    containers: list[ContainerState] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.pod.meta.name
+
+    @property
+    def namespace(self) -> str:
+        return self.pod.meta.namespace
+
+    @property
+    def ready(self) -> bool:
+        return all(c.ready for c in self.containers)
+
+    @property
+    def phase(self) -> str:
+        codes = [c.exit_code for c in self.containers]
+        if all(c.running for c in self.containers):
+            return "Running"
+        if all(code is not None for code in codes) and self.pod.restart_policy != "Always":
+            return "Succeeded" if all(code == 0 for code in codes) else "Failed"
+        return "Running" if any(c.running for c in self.containers) else "Pending"
+
+    def status(self, node_name: str) -> dict:
+        return {
+            "namespace": self.namespace, "name": self.name, "ip": self.ip, "node": node_name,
+            "phase": self.phase, "ready": f"{sum(c.ready for c in self.containers)}/{len(self.containers)}",
+            "restarts": sum(c.restarts for c in self.containers), "netns": self.netns,
+        }
+
+
+def _pod_netns_key(pod: Pod) -> str:
+    # pods of the default namespace keep their bare name (pn-web-1); others are namespaced
+    return pod.meta.name if pod.meta.namespace == "default" else f"{pod.meta.namespace}.{pod.meta.name}"
+
+
+class Lab:
+    """One node with its pods. Create it with `open_lab`; the attributes are for reading."""
+
+    def __init__(self, manifests: Manifests, config: LabConfig, resources: Resources) -> None:
+        self.manifests = manifests
+        self.config = config
+        self.resources = resources
+        self.datapath = Datapath(mode=config.mode, node_cidr=config.node_cidr)
+        self.node = Node(self.datapath)
+        self.state_dir = Path(resources.state_dir)
+        self.log_dir = self.state_dir / "logs" / f"{os.getpid()}"
+        store = (DiskStore(self.state_dir / "ipam", config.node_name) if config.persist_ipam else MemoryStore())
+        self.ipam = Pool(config.node_cidr, name=config.node_name, store=store)
+        if config.mode is NodeMode.BRIDGE:
+            raise ConfigError("LabConfig.mode: bridge-mode pods need a /24 address and a gateway in the "
+                              "node CIDR; the lab plumbs routed (Calico-style) pods only so far")
+        self.pods: dict[str, PodState] = {}
+        self._taps: list[Tap] = []
+        self._stopping = False
+
+    # ---- lookups -----------------------------------------------------------------------------
+
+    def pod(self, name: str, namespace: str | None = None) -> PodState:
+        matches = [p for p in self.pods.values()
+                   if p.name == name and (namespace is None or p.namespace == namespace)]
+        if not matches:
+            raise KeyError(f"no pod {name!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        if len(matches) > 1:
+            raise KeyError(f"pod {name!r} exists in several namespaces; give one")
+        return matches[0]
+
+    def status(self) -> list[dict]:
+        return [p.status(self.config.node_name) for p in self.pods.values()]
+
+    def statistics(self):
+        return self.datapath.statistics()
+
+    # ---- bring-up ----------------------------------------------------------------------------
+
+    def _plumb(self, pod: Pod) -> PodState:
+        """CNI ADD for one pod (blocking netlink work: runs in a worker thread)."""
+        key = _pod_netns_key(pod)
+        netns = names.netns_name(key, self.config.prefix)
+        allocation = self.ipam.allocate(f"{pod.meta.namespace}/{pod.meta.name}", "eth0")
+        self.resources.record_netns(netns)
+        create_netns(netns)
+        tap = open_tap(names.tap_name(key, self.config.prefix), vnet_hdr=self.config.vnet_hdr,
+                       offloads=self.config.offloads)
+        self._taps.append(tap)
+        mac = plumb_pod(tap, netns, str(allocation.ip))
+        return PodState(pod, netns, str(allocation.ip), mac, 0, tap)
+
+    async def _add_pod(self, pod: Pod) -> PodState:
+        state = await trio.to_thread.run_sync(self._plumb, pod)
+        state.port_id = self.datapath.add_port(f"{state.namespace}/{state.name}", PortKind.POD, state.mac, state.ip)
+        self.node.attach(state.port_id, FdPort(state.tap.fd, vnet_hdr=state.tap.vnet_hdr, name=state.name))
+        self.pods[f"{state.namespace}/{state.name}"] = state
+        return state
+
+    def _start_container(self, state: PodState, cs: ContainerState) -> None:
+        c = cs.container
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        cs.log_path = str(self.log_dir / f"{state.namespace}_{state.name}_{c.name}.log")
+        env = dict(os.environ)
+        env.update({"HOSTNAME": state.name, "POD_NAME": state.name, "POD_NAMESPACE": state.namespace,
+                    "POD_IP": state.ip})
+        env.update(dict(c.env))
+        with open(cs.log_path, "ab") as logf:
+            cs.process = popen_in_netns(state.netns, list(c.command) + list(c.args), env=env,
+                                        cwd=c.working_dir or None, stdin=subprocess.DEVNULL,
+                                        stdout=logf, stderr=subprocess.STDOUT)
+        self.resources.record_process(cs.process.pid, name=f"{state.name}/{c.name}")
+        cs.exit_code = None
+        if c.readiness_probe is not None:
+            cs.readiness = ReadinessTracker(c.readiness_probe)
+
+    async def _supervise(self, state: PodState, cs: ContainerState) -> None:
+        """Start a container, restart it per restartPolicy, and run its readiness probe."""
+        await trio.to_thread.run_sync(self._start_container, state, cs)
+        probe = cs.container.readiness_probe
+        next_probe = trio.current_time() + (probe.initial_delay_seconds if probe else 0)
+        while not self._stopping:
+            code = cs.process.poll() if cs.process else None
+            if code is not None:
+                cs.exit_code = code
+                policy = state.pod.restart_policy
+                if policy == "Never" or (policy == "OnFailure" and code == 0):
+                    return
+                delay = _RESTART_BACKOFF_S[min(cs.restarts, len(_RESTART_BACKOFF_S) - 1)]
+                log.warning("%s/%s exited with %s; restarting in %ss", state.name, cs.container.name, code, delay)
+                await trio.sleep(delay)
+                cs.restarts += 1
+                await trio.to_thread.run_sync(self._start_container, state, cs)
+                continue
+            if probe is not None and cs.readiness is not None and trio.current_time() >= next_probe:
+                ok, message = await trio.to_thread.run_sync(run_probe, state.netns, state.ip, cs.container, probe)
+                cs.readiness.record(ok, message)
+                # probe fast until ready so a lab comes up quickly, then at periodSeconds
+                period = probe.period_seconds if cs.readiness.ready else min(probe.period_seconds, 0.2)
+                next_probe = trio.current_time() + period
+            await trio.sleep(0.05)
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        with trio.move_on_after(timeout_s):
+            while not all(p.ready for p in self.pods.values()):
+                await trio.sleep(0.05)
+            return
+        waiting = [f"{p.namespace}/{p.name} ({self._why_not_ready(p)})" for p in self.pods.values() if not p.ready]
+        raise TimeoutError(f"pods not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
+
+    @staticmethod
+    def _why_not_ready(state: PodState) -> str:
+        for cs in state.containers:
+            if not cs.running:
+                return f"container {cs.container.name} not running, exit code {cs.exit_code}; log {cs.log_path}"
+            if cs.readiness is not None and not cs.readiness.ready:
+                return f"container {cs.container.name} readiness: {cs.readiness.last_message or 'not probed yet'}"
+        return "?"
+
+    # ---- commands inside pods ----------------------------------------------------------------
+
+    async def exec(self, pod: str, argv: Sequence[str], *, namespace: str | None = None,
+                   timeout_s: float = 60.0, input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run `argv` inside a pod's network namespace; returns its exit code and output."""
+        state = self.pod(pod, namespace)
+        return await trio.to_thread.run_sync(exec_in_pod, state.netns, list(argv), timeout_s, input)
+
+    # ---- teardown ----------------------------------------------------------------------------
+
+    def _stop_containers(self) -> None:
+        procs = [(s, cs) for s in self.pods.values() for cs in s.containers if cs.running]
+        for _, cs in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cs.process.pid, signal.SIGTERM)
+        for state, cs in procs:
+            grace = self.config.grace_period_s
+            if grace is None:
+                grace = float(state.pod.termination_grace_period_seconds)
+            try:
+                cs.process.wait(timeout=max(grace, 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(cs.process.pid, signal.SIGKILL)
+                cs.process.wait()
+            cs.exit_code = cs.process.returncode
+
+    def close(self) -> None:
+        """Stop containers, remove namespaces and TAPs. Idempotent; used on every exit path."""
+        self._stopping = True
+        self._stop_containers()
+        for state in self.pods.values():
+            delete_netns(state.netns)
+        for tap in self._taps:
+            with contextlib.suppress(OSError):
+                tap.close()
+        self._taps.clear()
+        self.resources.release_all()
+
+
+def exec_in_pod(netns: str, argv: list[str], timeout_s: float | None = 60.0, input: bytes | None = None,
+                capture: bool = True) -> subprocess.CompletedProcess:
+    """Run a command inside a pod's netns and wait for it (blocking)."""
+    kwargs: dict = {"timeout": timeout_s, "input": input}
+    if capture:
+        kwargs["capture_output"] = True
+    return run_in_netns(netns, subprocess.run, argv, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def open_lab(manifests: Manifests | Sequence[str | os.PathLike], config: LabConfig | None = None,
+                   *, wait_ready_s: float | None = 30.0):
+    """Bring up every pod of `manifests` on one node; tear everything down on exit.
+
+        async with open_lab(load_manifests(["pods.yaml"])) as lab:
+            result = await lab.exec("client", ["curl", "-s", "http://10.244.0.3:8080/"])
+    """
+    if not isinstance(manifests, Manifests):
+        manifests = load_manifests(manifests)
+    config = config or LabConfig()
+    with Resources(prefix=config.prefix, state_dir=config.state_dir or state_dir_default()) as resources:
+        lab = Lab(manifests, config, resources)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lab.node.serve)
+                for pod in manifests.pods:
+                    await lab._add_pod(pod)
+                for state in lab.pods.values():
+                    for container in state.pod.containers:
+                        cs = ContainerState(container)
+                        state.containers.append(cs)
+                        nursery.start_soon(lab._supervise, state, cs)
+                if wait_ready_s is not None:
+                    await lab.wait_ready(wait_ready_s)
+                try:
+                    yield lab
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.to_thread.run_sync(lab.close)
+
+
+class SyncLab:
+    """`open_lab` for synchronous scripts: trio runs in a background thread.
+
+        with run_lab(["pods.yaml"]) as lab:
+            print(lab.exec("client", ["curl", "-s", "http://10.244.0.3:8080/"]).stdout)
+    """
+
+    def __init__(self, lab: Lab, token: trio.lowlevel.TrioToken) -> None:
+        self.lab = lab
+        self._token = token
+
+    def __getattr__(self, name: str):
+        return getattr(self.lab, name)
+
+    def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        return trio.from_thread.run(lambda: self.lab.exec(pod, argv, **kw), trio_token=self._token)
+
+    def statistics(self):
+        return trio.from_thread.run_sync(self.lab.statistics, trio_token=self._token)
+
+    def status(self) -> list[dict]:
+        return trio.from_thread.run_sync(self.lab.status, trio_token=self._token)
+
+
+@contextlib.contextmanager
+def run_lab(manifests, config: LabConfig | None = None, *, wait_ready_s: float | None = 30.0) -> Iterator[SyncLab]:
+    ready = threading.Event()
+    box: dict = {}
+
+    async def main() -> None:
+        try:
+            async with open_lab(manifests, config, wait_ready_s=wait_ready_s) as lab:
+                box["lab"] = SyncLab(lab, trio.lowlevel.current_trio_token())
+                box["stop"] = trio.Event()
+                ready.set()
+                await box["stop"].wait()
+        except BaseException as exc:  # reported to the caller's thread below
+            box["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), name="podnet-lab", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in box:
+        thread.join()
+        raise box["error"]
+    try:
+        yield box["lab"]
+    finally:
+        trio.from_thread.run_sync(box["stop"].set, trio_token=box["lab"]._token)
+        thread.join()
+        if "error" in box:
+            raise box["error"]
