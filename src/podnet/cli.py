@@ -57,9 +57,10 @@ def format_stats(stats: dict) -> str:
 # ---- up ---------------------------------------------------------------------------------------
 
 def _lab_config(args):
+    from podnet.core.datapath import NodeMode
     from podnet.lab import LabConfig
     return LabConfig(node_cidr=args.node_cidr, prefix=args.prefix, offloads=args.offloads,
-                     state_dir=_state_dir(args))
+                     mode=NodeMode(args.mode), state_dir=_state_dir(args))
 
 
 def _lab_running(state_dir: str) -> dict | None:
@@ -119,7 +120,7 @@ def _up_detached(args, state_dir: str) -> int:
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(state_dir) / "lab.log"
     argv = [sys.executable, "-m", "podnet.cli", "--state-dir", state_dir, "up", "--daemon-child",
-            "--node-cidr", args.node_cidr, "--prefix", args.prefix, "--timeout", str(args.timeout)]
+            "--node-cidr", args.node_cidr, "--prefix", args.prefix, "--mode", args.mode, "--timeout", str(args.timeout)]
     argv += [] if args.offloads else ["--no-offloads"]
     for f in args.file:
         argv += ["-f", str(Path(f).resolve())]
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-d", "--detach", action="store_true", help="run the lab in the background")
     up.add_argument("--node-cidr", default="10.244.0.0/24")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help="name prefix of namespaces and devices")
+    up.add_argument("--mode", choices=["routed", "bridge"], default="routed",
+                    help="routed: Calico-style /32 pods behind a proxy-ARP gateway (default); "
+                         "bridge: kubenet cbr0-style /24 pods on a learning bridge")
     up.add_argument("--no-offloads", dest="offloads", action="store_false", help="TAPs without TSO/checksum offload")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for pods to become ready")
     up.add_argument("--daemon-child", action="store_true", help=argparse.SUPPRESS)

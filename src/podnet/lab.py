@@ -34,7 +34,6 @@ from podnet.cluster.manifest import Manifests, load_manifests
 from podnet.cluster.model import Container, Pod
 from podnet.core.datapath import Datapath, NodeMode, PortKind
 from podnet.core.ipam import DiskStore, MemoryStore, Pool
-from podnet.errors import ConfigError
 from podnet.linux import names
 from podnet.linux.netns import create_netns, delete_netns, popen_in_netns, run_in_netns
 from podnet.linux.pod import plumb_pod
@@ -139,9 +138,6 @@ class Lab:
         self.log_dir = self.state_dir / "logs" / f"{os.getpid()}"
         store = (DiskStore(self.state_dir / "ipam", config.node_name) if config.persist_ipam else MemoryStore())
         self.ipam = Pool(config.node_cidr, name=config.node_name, store=store)
-        if config.mode is NodeMode.BRIDGE:
-            raise ConfigError("LabConfig.mode: bridge-mode pods need a /24 address and a gateway in the "
-                              "node CIDR; the lab plumbs routed (Calico-style) pods only so far")
         self.pods: dict[str, PodState] = {}
         self._taps: list[Tap] = []
         self._stopping = False
@@ -175,7 +171,12 @@ class Lab:
         tap = open_tap(names.tap_name(key, self.config.prefix), vnet_hdr=self.config.vnet_hdr,
                        offloads=self.config.offloads)
         self._taps.append(tap)
-        mac = plumb_pod(tap, netns, str(allocation.ip))
+        if self.config.mode is NodeMode.BRIDGE:
+            # cbr0 style: the node prefix on eth0, the bridge's .1 as an on-link gateway
+            mac = plumb_pod(tap, netns, str(allocation.ip), gateway=str(allocation.gateway),
+                            prefixlen=allocation.prefixlen)
+        else:
+            mac = plumb_pod(tap, netns, str(allocation.ip))
         return PodState(pod, netns, str(allocation.ip), mac, 0, tap)
 
     async def _add_pod(self, pod: Pod) -> PodState:

@@ -7,6 +7,9 @@ Job: the CNI ADD/DEL steps for one pod, over netlink (pyroute2):
     eth0 up, address <ip>/32, lo up
     default via 169.254.1.1 dev eth0 onlink
 
+Bridge-mode nodes (kubenet's cbr0) instead give the pod the node's prefix (`prefixlen=24`) and a
+gateway inside it (.1): neighbours are then on-link and the default route needs no onlink flag.
+
 With a /32 the pod has no on-link subnet: every packet goes to the gateway, whose ARP request
 podnet's proxy-ARP answers with ee:ee:ee:ee:ee:ee, so all pod traffic reaches the datapath.
 
@@ -47,11 +50,13 @@ def _disable_ipv6(netns: str, ifname: str) -> None:
 
 
 def plumb_pod(
-    tap: Tap, netns: str, ip: str, *, gateway: str = DEFAULT_GATEWAY, mtu: int = 1500
+    tap: Tap, netns: str, ip: str, *, gateway: str = DEFAULT_GATEWAY, mtu: int = 1500,
+    prefixlen: int = 32,
 ) -> str:
-    """Make `tap` the eth0 of `netns` with address `ip`/32; return the pod's MAC."""
+    """Make `tap` the eth0 of `netns` with address `ip`/`prefixlen`; return the pod's MAC."""
     address = str(ipaddress.IPv4Address(ip))
     gateway = str(ipaddress.IPv4Address(gateway))
+    on_link = ipaddress.IPv4Address(gateway) in ipaddress.IPv4Network(f"{address}/{prefixlen}", strict=False)
     with open_iproute() as root:
         index = _link_index(root, tap.name, "root")
         root.link("set", index=index, net_ns_fd=netns)
@@ -61,14 +66,14 @@ def plumb_pod(
         ns.link("set", index=index, ifname=POD_IFNAME, mtu=mtu)
         _disable_ipv6(netns, POD_IFNAME)
         ns.link("set", index=index, state="up")
-        ns.addr("add", index=index, address=address, prefixlen=32)
+        ns.addr("add", index=index, address=address, prefixlen=prefixlen)
         ns.link("set", index=_link_index(ns, "lo", netns), state="up")
         ns.route(
             "add",
             dst="0.0.0.0/0",
             gateway=gateway,
             oif=index,
-            flags=RTNH_F_ONLINK,
+            flags=0 if on_link else RTNH_F_ONLINK,
             proto=RTPROT_BOOT,
         )
         link = ns.link("get", index=index)[0]
