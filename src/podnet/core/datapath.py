@@ -226,8 +226,10 @@ class Datapath:
         if n >= 38 and frame[12] == 8 and frame[13] == 0:
             ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
             flow = self._flows.get((in_port, proto, src, dst, ports))
+            # the same checks as the slow path: a cached flow is TCP or UDP, and its L4 header
+            # must fit inside the total length (20 + 20 or 20 + 8)
             if (flow is not None and ver_ihl == 0x45 and not frag & 0x3FFF and ttl > 1
-                    and 28 <= tot_len <= n - 14 and frame[0:6] == self.gateway_mac
+                    and (40 if proto == 6 else 28) <= tot_len <= n - 14 and frame[0:6] == self.gateway_mac
                     and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0):
                 pk.decrement_ttl(frame, ttl)
                 frame[0:12] = flow[_ETH]
@@ -307,11 +309,12 @@ class Datapath:
         assert self.bridge is not None
         if ctx.commit:
             self._c.stages["bridge"] += 1
-        outs = self.bridge.output_ports(dst_mac, port.id, ctx.now)
+        known = not dst_mac[0] & 1 and self.bridge.lookup(dst_mac, ctx.now) is not None
+        outs = self.bridge.output_ports(dst_mac, port.id, ctx.now, count=ctx.commit)
         if not outs:
             return [self._drop(ctx, DropReason.BRIDGE_SAME_PORT, port.id, "bridge", pk.mac_str(dst_mac))]
         names = ", ".join(self._ports[o].name for o in outs if o in self._ports)
-        ctx.step("bridge", "forward" if len(outs) == 1 else "flood", f"to {names}")
+        ctx.step("bridge", "forward" if known else "flood", f"to {names}")
         return [self._emit(ctx, o, frame, vnet) for o in outs]
 
     def _ipv4(self, frame, port: Port, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
@@ -351,6 +354,9 @@ class Datapath:
     def _local(self, frame, info: pk.IPv4Info, port: Port, ctx: _Ctx) -> list[Transmit | Drop]:
         """Addressed to the node itself: the gateway answers pings and nothing else."""
         if info.proto == pk.IPPROTO_ICMP and info.sport >> 8 == pk.ICMP_ECHO and not info.is_fragment:
+            if not pk.icmp_checksum_ok(frame, info):
+                # icmp_rcv() drops it (csum_error) without an answer
+                return [self._drop(ctx, DropReason.ICMP_BAD_CHECKSUM, port.id, "local")]
             ctx.step("local", "echo reply", f"from {pk.ip_str(info.dst)}")
             if ctx.commit:
                 self._c.icmp_sent += 1
@@ -421,6 +427,13 @@ class Datapath:
 
     def handle_timer(self, now: float) -> None:
         if self._next_sweep is not None and now >= self._next_sweep:
+            if self.bridge is not None:
+                # fast-path frames skip the bridge: refresh the stations they came from, so a pod
+                # whose traffic is all cached is not aged out of the FDB and then flooded to
+                for key, flow in self._flows.items():
+                    port = self._ports.get(key[0])
+                    if port is not None and port.kind is PortKind.POD:
+                        self.bridge.learn(port.mac, port.id, flow[_SEEN])
             idle = [k for k, f in self._flows.items() if now - f[_SEEN] >= self.flow_idle_timeout_s]
             for key in idle:
                 self._retire(key, self._flows.pop(key))

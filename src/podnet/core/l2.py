@@ -85,7 +85,8 @@ class LearningBridge:
             if entry.port != port:
                 self._moved += 1
                 entry.port = port
-            entry.last_seen = now
+            # refreshes from the flow cache may report a time older than a frame already seen
+            entry.last_seen = max(entry.last_seen, now)
 
     def lookup(self, dst_mac: bytes, now: float) -> int | None:
         entry = self.fdb.get(dst_mac)
@@ -93,13 +94,18 @@ class LearningBridge:
             return None
         return entry.port
 
-    def output_ports(self, dst_mac: bytes, in_port: int, now: float) -> list[int]:
-        """Where a frame goes: the learned port, or every other port (flood) when unknown or group."""
+    def output_ports(self, dst_mac: bytes, in_port: int, now: float, count: bool = True) -> list[int]:
+        """Where a frame goes: the learned port, or every other port (flood) when unknown or group.
+
+        A frame for a MAC learned on the port it came in on goes nowhere (802.1D filtering, Linux's
+        should_deliver): both ends are on the same segment and already saw it.
+        """
         if not dst_mac[0] & 1:
             port = self.lookup(dst_mac, now)
             if port is not None:
-                return [port]
-        self._flooded += 1
+                return [] if port == in_port else [port]
+        if count:
+            self._flooded += 1
         return sorted(p for p in self.ports if p != in_port)
 
     def expire(self, now: float) -> int:

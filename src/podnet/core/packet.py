@@ -73,6 +73,7 @@ class DropReason(enum.Enum):
     UNKNOWN_PORT = "unknown_port"
     NOT_FOR_GATEWAY = "not_for_gateway"
     BRIDGE_SAME_PORT = "bridge_same_port"
+    ICMP_BAD_CHECKSUM = "icmp_bad_checksum"
 
 
 def mac_bytes(mac: str | bytes) -> bytes:
@@ -218,11 +219,23 @@ def build_icmp_error(frame, info: IPv4Info, icmp_type: int, code: int, our_mac: 
     return _ipv4_frame(our_mac, bytes(frame[6:12]), our_ip, info.src, IPPROTO_ICMP, bytes(body))
 
 
+def icmp_checksum_ok(frame, info: IPv4Info) -> bool:
+    """The ICMP checksum covers the whole ICMP message (RFC 792); a valid one sums to 0xffff."""
+    return internet_checksum(frame[info.l4:ETH_HLEN + info.total_length]) == 0
+
+
+# ICMP types that are errors (RFC 792/1812; Linux's icmp_pointers[].error): never answered with an error
+ICMP_ERROR_TYPES = frozenset({ICMP_DEST_UNREACH, 4, 5, ICMP_TIME_EXCEEDED, 12})
+
+
 def should_send_icmp_error(frame, info: IPv4Info) -> bool:
-    """RFC 1122 §3.2.2: never answer an ICMP error, a non-first fragment, or a broadcast."""
+    """RFC 1122 §3.2.2: no ICMP error about an ICMP error, a non-first fragment, a link-layer
+    broadcast or multicast, or a datagram to an IP broadcast or multicast address."""
     if not info.first_fragment or frame[0] & 1:
         return False
-    if info.proto == IPPROTO_ICMP and info.sport >> 8 not in (ICMP_ECHO, 13, 15, 17):
+    if info.dst == 0xFFFFFFFF or info.dst >> 28 == 0xE:
+        return False
+    if info.proto == IPPROTO_ICMP and info.sport >> 8 in ICMP_ERROR_TYPES:
         return False
     return True
 
