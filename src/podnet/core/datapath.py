@@ -6,7 +6,7 @@ and passes `now` (monotonic seconds). Expiry happens only in `handle_timer(now)`
 `next_deadline()` says when that is due.
 
 A frame's way through the slow path, one named stage after another (each stage counts the frames
-it saw, and `trace()` records each decision):
+it saw — the fast path counts per flow instead — and `trace()` records each decision):
 
     port → eth (length, ethertype) → [bridge: learn, switch L2 frames] → arp (proxy-ARP gateway)
          → ipv4 (ip_rcv's checks) → rpf (a pod may only send from its own address)
@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from . import packet as pk
 from .l2 import GATEWAY_IP, GATEWAY_MAC, LearningBridge, ProxyArp
 from .packet import DropReason
 from .routing import Route, RouteTable
+from ..errors import ConfigError
 
 # ver_ihl, tot_len, frag, ttl, proto, src, dst, ports — read in one call for the fast path
 _FAST = struct.Struct("!BxHxxHBBxxIII")
@@ -167,6 +169,10 @@ class Datapath:
                  flow_idle_timeout_s: float = 30.0, max_flows: int = 65536) -> None:
         self.mode = mode
         self.node_cidr = node_cidr
+        try:
+            ipaddress.IPv4Network(node_cidr, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"Datapath node_cidr {node_cidr!r}: {exc}") from None
         if gateway_ip is None:
             # routed: the link-local gateway every pod routes to; bridge: the bridge's .1 in the node CIDR
             gateway_ip = GATEWAY_IP if mode is NodeMode.ROUTED else pk.ip_str(pk.ip_int(node_cidr.split("/")[0]) + 1)
@@ -182,13 +188,20 @@ class Datapath:
         self._next_sweep: float | None = None
         self._c = _Counters()
         self._next_port = 1
-        self.routes.add(f"{pk.ip_str(self.gateway_ip)}/32", 0, kind="local")
-        self.routes.add(node_cidr, 0, kind="unreachable")  # the node's own block: no pod, no route
+        try:
+            self.routes.add(f"{pk.ip_str(self.gateway_ip)}/32", 0, kind="local")
+            self.routes.add(node_cidr, 0, kind="unreachable")  # the node's own block: no pod, no route
+        except ValueError as exc:
+            raise ConfigError(f"Datapath node_cidr {node_cidr!r}: {exc}") from None
+        self._routes_version = self.routes.version
 
     # ---- configuration -----------------------------------------------------------------------
 
     def add_port(self, name: str, kind: PortKind, mac: str | bytes, ip: str | None = None) -> int:
-        port = Port(self._next_port, name, kind, pk.mac_bytes(mac), pk.ip_int(ip) if ip else None)
+        try:
+            port = Port(self._next_port, name, kind, pk.mac_bytes(mac), pk.ip_int(ip) if ip else None)
+        except ValueError as exc:
+            raise ConfigError(f"port {name!r}: mac {mac!r} / ip {ip!r}: {exc}") from None
         self._next_port += 1
         self._ports[port.id] = port
         if kind is PortKind.POD and port.ip is not None:
@@ -207,7 +220,10 @@ class Datapath:
         self._flush_flows()
 
     def add_route(self, cidr: str, port_id: int, via: str | None = None) -> Route:
-        route = self.routes.add(cidr, port_id, via)
+        try:
+            route = self.routes.add(cidr, port_id, via)
+        except ValueError as exc:
+            raise ConfigError(f"route {cidr!r} via {via!r}: {exc}") from None
         self._flush_flows()
         return route
 
@@ -222,40 +238,47 @@ class Datapath:
     def process(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> list[Transmit | Drop]:
         if type(frame) is bytes:
             frame = bytearray(frame)
-        n = len(frame)
-        if n >= 38 and frame[12] == 8 and frame[13] == 0:
-            ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
-            flow = self._flows.get((in_port, proto, src, dst, ports))
-            # the same checks as the slow path: a cached flow is TCP or UDP, and its L4 header
-            # must fit inside the total length (20 + 20 or 20 + 8)
-            if (flow is not None and ver_ihl == 0x45 and not frag & 0x3FFF and ttl > 1
-                    and (40 if proto == 6 else 28) <= tot_len <= n - 14 and frame[0:6] == self.gateway_mac
-                    and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0):
-                pk.decrement_ttl(frame, ttl)
-                frame[0:12] = flow[_ETH]
-                flow[_PKTS] += 1
-                flow[_BYTES] += n
-                flow[_SEEN] = now
-                return [Transmit(flow[_OUT], frame, vnet)]
+        flow = self._fast_flow(frame, in_port)
+        if flow is not None:
+            pk.decrement_ttl(frame, frame[22])
+            frame[0:12] = flow[_ETH]
+            flow[_PKTS] += 1
+            flow[_BYTES] += len(frame)
+            flow[_SEEN] = now
+            return [Transmit(flow[_OUT], frame, vnet)]
         return self._slow(frame, in_port, vnet, _Ctx(now))
+
+    def _fast_flow(self, frame, in_port: int) -> list | None:
+        """The cached flow `frame` belongs to, if the fast path may forward it; else None.
+
+        The same checks as the slow path make: a cached flow is TCP or UDP with a 20-byte IP header,
+        not a fragment, TTL left to decrement, its L4 header inside the total length (20 + 20 or
+        20 + 8), addressed to the gateway MAC, a valid IPv4 header checksum.
+        """
+        n = len(frame)
+        if n < 38 or frame[12] != 8 or frame[13] != 0:
+            return None
+        if self.routes.version != self._routes_version:  # someone changed `routes` directly
+            self._flush_flows()
+            return None
+        ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
+        flow = self._flows.get((in_port, proto, src, dst, ports))
+        if (flow is not None and ver_ihl == 0x45 and not frag & 0x3FFF and ttl > 1
+                and (40 if proto == 6 else 28) <= tot_len <= n - 14 and frame[0:6] == self.gateway_mac
+                and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0):
+            return flow
+        return None
 
     def trace(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> Trace:
         """Every decision the slow path would make for `frame`, without changing any state."""
         frame = bytearray(frame)
         description = pk.describe(frame)
         ctx = _Ctx(now, commit=False, steps=[])
-        flow_hit = self._flow_key(frame, in_port) in self._flows
-        if flow_hit:
-            ctx.step("flow", "cached", "an established flow would take the fast path with the same result")
+        if self._fast_flow(frame, in_port) is not None:
+            ctx.step("flow", "cached", "an established flow: the fast path gives the same result")
         actions = self._slow(frame, in_port, vnet, ctx)
         port = self._ports.get(in_port)
         return Trace(description, port.name if port else str(in_port), tuple(ctx.steps), tuple(actions))
-
-    def _flow_key(self, frame, in_port: int) -> tuple | None:
-        if len(frame) < 38 or frame[12:14] != b"\x08\x00":
-            return None
-        _vi, _tl, _fr, _ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
-        return (in_port, proto, src, dst, ports)
 
     def _slow(self, frame, in_port: int, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
         c = self._c
@@ -419,6 +442,8 @@ class Datapath:
         for key, flow in self._flows.items():
             self._retire(key, flow)
         self._flows.clear()
+        self._next_sweep = None
+        self._routes_version = self.routes.version
 
     def flows(self) -> list[tuple[tuple, list]]:
         return list(self._flows.items())

@@ -224,18 +224,25 @@ def icmp_checksum_ok(frame, info: IPv4Info) -> bool:
     return internet_checksum(frame[info.l4:ETH_HLEN + info.total_length]) == 0
 
 
-# ICMP types that are errors (RFC 792/1812; Linux's icmp_pointers[].error): never answered with an error
-ICMP_ERROR_TYPES = frozenset({ICMP_DEST_UNREACH, 4, 5, ICMP_TIME_EXCEEDED, 12})
+# ICMP query types (RFC 792/950): echo, timestamp, information, address mask, requests and replies.
+# Every other type counts as an error, as in Linux's icmp_pointers[] and icmp_send(), which never
+# answers an error with an error.
+ICMP_QUERY_TYPES = frozenset({ICMP_ECHOREPLY, ICMP_ECHO, 13, 14, 15, 16, 17, 18})
+
+
+def _single_host(ip: int) -> bool:
+    return ip != 0 and ip >> 24 != 127 and ip >> 28 < 0xE  # not 0.0.0.0, loopback, multicast, class E/broadcast
 
 
 def should_send_icmp_error(frame, info: IPv4Info) -> bool:
     """RFC 1122 §3.2.2: no ICMP error about an ICMP error, a non-first fragment, a link-layer
-    broadcast or multicast, or a datagram to an IP broadcast or multicast address."""
+    broadcast or multicast, a datagram to an IP broadcast or multicast address, or one whose
+    source is not a single host."""
     if not info.first_fragment or frame[0] & 1:
         return False
-    if info.dst == 0xFFFFFFFF or info.dst >> 28 == 0xE:
+    if info.dst == 0xFFFFFFFF or info.dst >> 28 == 0xE or not _single_host(info.src):
         return False
-    if info.proto == IPPROTO_ICMP and info.sport >> 8 in ICMP_ERROR_TYPES:
+    if info.proto == IPPROTO_ICMP and info.sport >> 8 not in ICMP_QUERY_TYPES:
         return False
     return True
 
