@@ -18,16 +18,8 @@ import subprocess
 from dataclasses import dataclass
 
 from podnet.cluster.model import Container, ExecAction, HTTPGetAction, Probe, TCPSocketAction
+from podnet.errors import ConfigError
 from podnet.linux.netns import run_in_netns
-
-
-def resolve_port(container: Container, port: int | str) -> int:
-    if isinstance(port, int):
-        return port
-    for p in container.ports:
-        if p.name == port:
-            return p.container_port
-    raise ValueError(f"container {container.name} has no port named {port!r}")
 
 
 def _tcp(ip: str, port: int, timeout_s: float) -> tuple[bool, str]:
@@ -66,14 +58,14 @@ def run_probe(netns: str, ip: str, container: Container, probe: Probe) -> tuple[
     timeout_s = float(probe.timeout_seconds)
     try:
         if isinstance(handler, TCPSocketAction):
-            port = resolve_port(container, handler.port)
+            port = container.port_number(handler.port)
             return run_in_netns(netns, _tcp, ip, port, timeout_s)
         if isinstance(handler, HTTPGetAction):
-            port = resolve_port(container, handler.port)
+            port = container.port_number(handler.port)
             return run_in_netns(netns, _http, ip, handler, port, timeout_s)
         if isinstance(handler, ExecAction):
             return run_in_netns(netns, _exec, handler.command, timeout_s)
-    except (OSError, ValueError) as exc:
+    except (OSError, ConfigError) as exc:
         return False, str(exc)
     return False, f"unsupported probe handler {type(handler).__name__}"
 

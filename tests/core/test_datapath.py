@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import dpkt
 import pytest
 
+from reference import fix_ip_checksum, naive_checksum
 from podnet.core import packet as pk
 from podnet.core.datapath import Datapath, Drop, NodeMode, PortKind, Transmit
 from podnet.core.packet import DropReason
@@ -23,26 +24,6 @@ A_MAC, B_MAC = pk.mac_bytes(F.POD_MAC_A), pk.mac_bytes(F.POD_MAC_B)
 GW_MAC = b"\xee" * 6
 UPLINK_MAC = "02:00:00:00:00:99"
 VNET = bytes([1, 0, 0, 0, 0, 0, 34, 0, 16, 0])  # virtio_net_hdr: NEEDS_CSUM, csum_start 34, offset 16
-
-
-def naive_checksum(data: bytes) -> int:
-    """RFC 1071, one 16-bit word at a time (independent of podnet.core.checksum)."""
-    if len(data) % 2:
-        data = bytes(data) + b"\x00"
-    total = 0
-    for i in range(0, len(data), 2):
-        total += data[i] << 8 | data[i + 1]
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def fix_ip_checksum(frame: bytearray) -> bytearray:
-    ihl = (frame[14] & 0x0F) * 4 if len(frame) > 14 else 20
-    ihl = ihl if ihl >= 20 and len(frame) >= 14 + ihl else 20
-    if len(frame) >= 14 + ihl:
-        frame[24:26] = b"\x00\x00"
-        frame[24:26] = struct.pack("!H", naive_checksum(bytes(frame[14:14 + ihl])))
-    return frame
 
 
 def ip_header_ok(ip: dpkt.ip.IP) -> bool:
