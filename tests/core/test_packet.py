@@ -443,3 +443,15 @@ def test_describe_reads_like_tcpdump():
         "ARP, Request who-has 169.254.1.1 tell 10.244.0.2"
     assert pk.describe(F.icmp_echo("10.244.0.2", "169.254.1.1")) == "IP 10.244.0.2 > 169.254.1.1: ICMP type 8 code 0"
     assert pk.describe(b"\x01\x02") .startswith("undecodable frame")
+
+
+def test_decrement_ttl_equals_the_general_rfc1624_update_for_every_checksum():
+    from podnet.core.checksum import update16
+    frame = bytearray(40)
+    for checksum in range(0x10000):
+        for ttl in (2, 64, 255):
+            frame[22], frame[23] = ttl, 6
+            frame[24], frame[25] = checksum >> 8, checksum & 0xFF
+            pk.decrement_ttl(frame, ttl)
+            old = ttl << 8 | 6
+            assert (frame[24] << 8 | frame[25], frame[22]) == (update16(checksum, old, old - 0x100), ttl - 1)

@@ -44,6 +44,7 @@ from ..errors import ConfigError
 # ver_ihl, tot_len, frag, ttl, proto, src, dst, ports — read in one call for the fast path
 _FAST = struct.Struct("!BxHxxHBBxxIII")
 _FLOW_SWEEP_INTERVAL_S = 1.0
+_new_tuple = tuple.__new__
 
 
 class PortKind(enum.Enum):
@@ -193,7 +194,8 @@ class Datapath:
             self.routes.add(node_cidr, 0, kind="unreachable")  # the node's own block: no pod, no route
         except ValueError as exc:
             raise ConfigError(f"Datapath node_cidr {node_cidr!r}: {exc}") from None
-        self._routes_version = self.routes.version
+        # any change to the table, also one made directly on `routes`, empties the flow cache
+        self.routes.on_change = self._flush_flows
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -245,7 +247,8 @@ class Datapath:
             flow[_PKTS] += 1
             flow[_BYTES] += len(frame)
             flow[_SEEN] = now
-            return [Transmit(flow[_OUT], frame, vnet)]
+            # tuple.__new__ skips the NamedTuple's Python-level __new__ on the per-frame path
+            return [_new_tuple(Transmit, (flow[_OUT], frame, vnet))]
         return self._slow(frame, in_port, vnet, _Ctx(now))
 
     def _fast_flow(self, frame, in_port: int) -> list | None:
@@ -257,9 +260,6 @@ class Datapath:
         """
         n = len(frame)
         if n < 38 or frame[12] != 8 or frame[13] != 0:
-            return None
-        if self.routes.version != self._routes_version:  # someone changed `routes` directly
-            self._flush_flows()
             return None
         ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
         flow = self._flows.get((in_port, proto, src, dst, ports))
@@ -443,7 +443,6 @@ class Datapath:
             self._retire(key, flow)
         self._flows.clear()
         self._next_sweep = None
-        self._routes_version = self.routes.version
 
     def flows(self) -> list[tuple[tuple, list]]:
         return list(self._flows.items())

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import dpkt
 
-from .checksum import internet_checksum, ipv4_header_ok, update16
+from .checksum import internet_checksum, ipv4_header_ok
 
 ETH_HLEN = 14
 ETH_P_IP = 0x0800
@@ -274,13 +274,16 @@ def describe(frame) -> str:
 
 
 def decrement_ttl(frame, ttl: int) -> None:
-    """Forwarding's one rewrite of the IPv4 header: TTL - 1, header checksum updated (RFC 1624).
+    """Forwarding's one rewrite of the IPv4 header: TTL - 1, header checksum updated.
 
-    The TTL is not in the TCP/UDP pseudo-header, so a CHECKSUM_PARTIAL seed stays valid.
+    The TTL is the high byte of the word at offset 22, so the word drops by 0x0100 and the
+    checksum rises by 0x0100 with an end-around carry — RFC 1624's update specialised to this one
+    change, the arithmetic of the kernel's ip_decrease_ttl() (equal to `update16` for every
+    checksum; the unit tests check all 65,536). The TTL is not in the TCP/UDP pseudo-header, so a
+    CHECKSUM_PARTIAL seed stays valid.
     """
-    old = ttl << 8 | frame[23]
-    checksum = frame[24] << 8 | frame[25]
-    checksum = update16(checksum, old, old - 0x100)
+    checksum = (frame[24] << 8 | frame[25]) + 0x100
+    checksum = (checksum + (checksum >= 0xFFFF)) & 0xFFFF
     frame[22] = ttl - 1
     frame[24] = checksum >> 8
     frame[25] = checksum & 0xFF

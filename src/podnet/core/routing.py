@@ -43,7 +43,8 @@ class RouteTable:
     def __init__(self) -> None:
         self._by_len: dict[int, dict[int, Route]] = {}
         self._lengths = SortedList(key=lambda n: -n)  # longest first
-        self.version = 0  # bumped on every change, so caches of lookups can be invalidated
+        self.version = 0  # bumped on every change
+        self.on_change = None  # called after every change, so a cache of lookups is flushed at once
 
     def add(self, cidr: str, port: int, via: str | None = None, kind: str = "unicast") -> Route:
         net = ipaddress.IPv4Network(cidr, strict=True)
@@ -54,7 +55,7 @@ class RouteTable:
             table = self._by_len[net.prefixlen] = {}
             self._lengths.add(net.prefixlen)
         table[route.network] = route
-        self.version += 1
+        self._changed()
         return route
 
     def remove(self, cidr: str) -> Route | None:
@@ -65,8 +66,13 @@ class RouteTable:
             del self._by_len[net.prefixlen]
             self._lengths.remove(net.prefixlen)
         if route is not None:
-            self.version += 1
+            self._changed()
         return route
+
+    def _changed(self) -> None:
+        self.version += 1
+        if self.on_change is not None:
+            self.on_change()
 
     def remove_port(self, port: int) -> int:
         gone = [r for r in self.routes() if r.port == port]

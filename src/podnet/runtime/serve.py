@@ -78,22 +78,20 @@ class Node:
     async def _pump(self, port_id: int, port: Port) -> None:
         process = self.datapath.process
         ports = self.ports
+        receive = port.receive
+        batch = self.batch
         while True:
             await port.wait_readable()
             now = trio.current_time()
             handled = 0
-            while True:
-                got = port.receive()
-                if got is None:
-                    break
-                frame, vnet = got
-                for action in process(frame, port_id, now, vnet):
+            while (got := receive()) is not None:
+                for action in process(got[0], port_id, now, got[1]):
                     if type(action) is Transmit:
-                        out = ports.get(action.port)
+                        out = ports.get(action[0])
                         if out is not None:
-                            out.send(action.frame, action.vnet)
+                            out.send(action[1], action[2])
                 handled += 1
-                if handled % self.batch == 0:
+                if handled == batch:
                     self.frames_processed += handled
                     handled = 0
                     await trio.lowlevel.checkpoint()
