@@ -279,6 +279,8 @@ class Lab:
         self._stop_containers()
         for state in self.pods.values():
             delete_netns(state.netns)
+            # CNI DEL: a deleted pod's address goes back to the pool (a crash keeps it, see clean)
+            self.ipam.release(f"{state.namespace}/{state.name}", "eth0")
         for tap in self._taps:
             with contextlib.suppress(OSError):
                 tap.close()
