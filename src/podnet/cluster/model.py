@@ -115,11 +115,10 @@ class ObjectMeta:
         object.__setattr__(self, "annotations", _frozen_mapping(self.annotations))
 
 
-@dataclass(frozen=True)
-class Namespace:
-    """A namespace (cluster-scoped); podnet only needs it to exist."""
+class _ClusterScoped:
+    """Name and identity of an object that lives outside any namespace (Namespace, Node)."""
 
-    KIND: ClassVar[str] = "Namespace"
+    KIND: ClassVar[str]
     meta: ObjectMeta
 
     @property
@@ -129,6 +128,14 @@ class Namespace:
     @property
     def object_key(self) -> ObjectKey:
         return (self.KIND, "", self.meta.name)
+
+
+@dataclass(frozen=True)
+class Namespace(_ClusterScoped):
+    """A namespace (cluster-scoped); podnet only needs it to exist."""
+
+    KIND: ClassVar[str] = "Namespace"
+    meta: ObjectMeta
 
 
 @dataclass(frozen=True)
@@ -140,21 +147,13 @@ class NodeAddress:
 
 
 @dataclass(frozen=True)
-class Node:
+class Node(_ClusterScoped):
     """A node (cluster-scoped). `pod_cidr` is spec.podCIDR, None when the manifest sets none."""
 
     KIND: ClassVar[str] = "Node"
     meta: ObjectMeta
     pod_cidr: str | None = None
     addresses: tuple[NodeAddress, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    @property
-    def object_key(self) -> ObjectKey:
-        return (self.KIND, "", self.meta.name)
 
 
 @dataclass(frozen=True)
