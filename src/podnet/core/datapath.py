@@ -41,8 +41,9 @@ from .packet import DropReason
 from .routing import Route, RouteTable
 from ..errors import ConfigError
 
-# ver_ihl, tot_len, frag, ttl, proto, src, dst, ports — read in one call for the fast path
-_FAST = struct.Struct("!BxHxxHBBxxIII")
+# dst MAC, ethertype, then IPv4 ver_ihl, tot_len, frag, ttl, proto, src, dst and the L4 ports —
+# everything the fast path checks, read in one call
+_FAST = struct.Struct("!6s6xHBxHxxHBBxxIII")
 _FLOW_SWEEP_INTERVAL_S = 1.0
 _new_tuple = tuple.__new__
 
@@ -240,15 +241,29 @@ class Datapath:
     def process(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> list[Transmit | Drop]:
         if type(frame) is bytes:
             frame = bytearray(frame)
-        flow = self._fast_flow(frame, in_port)
-        if flow is not None:
-            pk.decrement_ttl(frame, frame[22])
-            frame[0:12] = flow[_ETH]
-            flow[_PKTS] += 1
-            flow[_BYTES] += len(frame)
-            flow[_SEEN] = now
+        out = self.forward_fast(frame, in_port, now)
+        if out is not None:
             # tuple.__new__ skips the NamedTuple's Python-level __new__ on the per-frame path
-            return [_new_tuple(Transmit, (flow[_OUT], frame, vnet))]
+            return [_new_tuple(Transmit, (out, frame, vnet))]
+        return self._slow(frame, in_port, vnet, _Ctx(now))
+
+    def forward_fast(self, frame, in_port: int, now: float) -> int | None:
+        """The fast path alone: rewrite `frame` for its cached flow and return the output port, or
+        return None (frame untouched) when it needs `process_slow`. `process` is exactly
+        `forward_fast`, then `process_slow` on None; the runtime calls the two itself so an
+        established frame costs no action list."""
+        flow = self._fast_flow(frame, in_port)
+        if flow is None:
+            return None
+        pk.decrement_ttl(frame, frame[22])
+        frame[0:12] = flow[_ETH]
+        flow[_PKTS] += 1
+        flow[_BYTES] += len(frame)
+        flow[_SEEN] = now
+        return flow[_OUT]
+
+    def process_slow(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> list[Transmit | Drop]:
+        """The slow path, for a frame `forward_fast` declined."""
         return self._slow(frame, in_port, vnet, _Ctx(now))
 
     def _fast_flow(self, frame, in_port: int) -> list | None:
@@ -259,12 +274,14 @@ class Datapath:
         20 + 8), addressed to the gateway MAC, a valid IPv4 header checksum.
         """
         n = len(frame)
-        if n < 38 or frame[12] != 8 or frame[13] != 0:
+        if n < 38:
             return None
-        ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame, 14)
+        dst_mac, ethertype, ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame)
+        if ethertype != 0x0800:
+            return None
         flow = self._flows.get((in_port, proto, src, dst, ports))
         if (flow is not None and ver_ihl == 0x45 and not frag & 0x3FFF and ttl > 1
-                and (40 if proto == 6 else 28) <= tot_len <= n - 14 and frame[0:6] == self.gateway_mac
+                and (40 if proto == 6 else 28) <= tot_len <= n - 14 and dst_mac == self.gateway_mac
                 and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0):
             return flow
         return None

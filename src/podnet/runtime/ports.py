@@ -43,6 +43,12 @@ class FdPort:
         self._vnet = bytearray(VNET_HDR_LEN)
         self._buf = bytearray(MAX_FRAME)
         self._view = memoryview(self._buf)
+        # everything receive() needs per frame, decided once
+        self._iov = (self._vnet, self._buf) if vnet_hdr else (self._buf,)
+        self._hdr = VNET_HDR_LEN if vnet_hdr else 0
+        self._vnet_out = self._vnet if vnet_hdr else None
+        self._readv = os.readv
+        self._writev = os.writev
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fd)
@@ -50,32 +56,31 @@ class FdPort:
     def receive(self):
         """One frame as (frame view, vnet header or None), or None when the queue is empty."""
         try:
-            if self.vnet_hdr:
-                n = os.readv(self.fd, (self._vnet, self._buf)) - VNET_HDR_LEN
-            else:
-                n = os.readv(self.fd, (self._buf,))
+            n = self._readv(self.fd, self._iov)
         except BlockingIOError:
             return None
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EINTR):
                 return None
             raise
+        n -= self._hdr
         if n <= 0:
             self.counters.short_reads += 1
             return (self._view[:0], None)
         self.counters.read_frames += 1
-        return (self._view[:n], self._vnet if self.vnet_hdr else None)
+        return (self._view[:n], self._vnet_out)
 
     def send(self, frame, vnet) -> None:
         try:
-            if self.vnet_hdr:
-                os.writev(self.fd, (vnet if vnet is not None else ZERO_VNET, frame))
+            if self._hdr:
+                self._writev(self.fd, (vnet or ZERO_VNET, frame))
             else:
                 os.write(self.fd, frame)
-            self.counters.written_frames += 1
         except OSError:
             # a full TAP queue or a device that went away: the frame is lost, as on a real link
             self.counters.write_errors += 1
+        else:
+            self.counters.written_frames += 1
 
 
 class MemoryPort:

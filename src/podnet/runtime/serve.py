@@ -76,7 +76,8 @@ class Node:
                     del self._scopes[port_id]
 
     async def _pump(self, port_id: int, port: Port) -> None:
-        process = self.datapath.process
+        fast = self.datapath.forward_fast
+        slow = self.datapath.process_slow
         ports = self.ports
         receive = port.receive
         batch = self.batch
@@ -85,11 +86,18 @@ class Node:
             now = trio.current_time()
             handled = 0
             while (got := receive()) is not None:
-                for action in process(got[0], port_id, now, got[1]):
-                    if type(action) is Transmit:
-                        out = ports.get(action[0])
-                        if out is not None:
-                            out.send(action[1], action[2])
+                frame, vnet = got
+                out = fast(frame, port_id, now)
+                if out is not None:
+                    target = ports.get(out)
+                    if target is not None:
+                        target.send(frame, vnet)
+                else:
+                    for action in slow(frame, port_id, now, vnet):
+                        if type(action) is Transmit:
+                            target = ports.get(action[0])
+                            if target is not None:
+                                target.send(action[1], action[2])
                 handled += 1
                 if handled == batch:
                     self.frames_processed += handled
