@@ -10,7 +10,8 @@ Invariants:
   Until an object has a known kind and a name it is named by position and by what it claims to
   be: `pods.yaml: document 2 (Pdo/web)`, `pods.yaml: document 1, items[3] (Pod)`.
 - Kinds are read through the explicit `KINDS` registry (kind -> `KindSpec`), never filled by
-  imports. A kind missing from it is an error listing the supported kinds.
+  imports. A kind missing from it is an error listing the supported kinds. Service and
+  EndpointSlice are parsed by `podnet.cluster.service`, whose parsers take a `FieldReader`.
 
 Kubernetes behaviour followed: what `kubectl apply -f` and the API server accept. Multi-document
 YAML and `kind: List`; empty documents skipped; a key given twice in one mapping is an error (as in
@@ -24,7 +25,6 @@ than silently doing less.
 from __future__ import annotations
 
 import ipaddress
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn
@@ -36,15 +36,12 @@ from podnet.errors import ConfigError
 from .model import (DEFAULT_NAMESPACE, PROTOCOLS, RESTART_POLICIES, URI_SCHEMES, ClusterObject,
                     Container, ContainerPort, ExecAction, HTTPGetAction, Manifests, Namespace,
                     Node, NodeAddress, ObjectMeta, Origin, Pod, Probe, TCPSocketAction,
-                    dns1123_label_problem, dns1123_subdomain_problem, label_value_problem,
-                    port_name_problem, qualified_name_problem)
+                    dns1035_label_problem, dns1123_label_problem, dns1123_subdomain_problem,
+                    label_value_problem, port_name_problem, qualified_name_problem)
+from .model import show_value as _show
+from .service import parse_endpoint_slice, parse_service
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")  # what `kubectl apply -f DIR` reads
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- typed reads --------------------------------------------------------------------------------
@@ -98,6 +95,16 @@ class FieldReader:
         wanted = (f"an integer between {low} and {high}" if high is not None else
                   "a non-negative integer" if low == 0 else "an integer")
         self.fail(key, f"must be {wanted}, got {_show(value)}")
+
+    def boolean(self, key: str, default: bool | None = None, *,
+                required: bool = False) -> bool | None:
+        value = self.raw(key, required=required)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            hint = " (unquote it in YAML)" if value in ("true", "false") else ""
+            self.fail(key, f"must be true or false{hint}, got {_show(value)}")
+        return value
 
     def mapping(self, key: str, *, required: bool = False) -> FieldReader:
         """A nested mapping; when not set, an empty one."""
@@ -270,7 +277,7 @@ def _probe_port(action: FieldReader, ports: list[ContainerPort], ports_path: str
 @dataclass(frozen=True)
 class KindSpec:
     """How one kind is read: its apiVersion, scope, name rule and parser. A new kind also needs
-    its model class and a `Manifests` field (see `model.Manifests`)."""
+    its model class and a `Manifests` field, named in `Manifests.FIELDS`."""
 
     api_version: str
     namespaced: bool
@@ -282,6 +289,9 @@ KINDS: Mapping[str, KindSpec] = {
     "Namespace": KindSpec("v1", False, dns1123_label_problem, _parse_namespace),
     "Node": KindSpec("v1", False, dns1123_subdomain_problem, _parse_node),
     "Pod": KindSpec("v1", True, dns1123_subdomain_problem, _parse_pod),
+    "Service": KindSpec("v1", True, dns1035_label_problem, parse_service),
+    "EndpointSlice": KindSpec("discovery.k8s.io/v1", True, dns1123_subdomain_problem,
+                              parse_endpoint_slice),
 }
 
 

@@ -3,7 +3,8 @@
 Layer: cluster (no I/O, no clock, no trio). `podnet.cluster.manifest` builds these from YAML and
 checks every field; the builder that brings a cluster up reads them. Besides the objects this
 module holds the name rules they obey (functions that return what is wrong with a name, in
-apimachinery's words) and `Manifests`, a set of objects.
+apimachinery's words) and `Manifests`, a set of objects. Service and EndpointSlice live in
+`podnet.cluster.service`, which builds on this module.
 
 Invariants:
 - Every object is frozen and holds tuples and read-only mappings, so a loaded set can be shared by
@@ -22,13 +23,18 @@ k8s.io/apimachinery/pkg/util/validation for names.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from itertools import chain
 from types import MappingProxyType
-from typing import Callable, ClassVar, Iterable, Iterator, Literal, Mapping
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping,
+                    Union)
 
 from podnet.errors import ConfigError
+
+if TYPE_CHECKING:  # service.py builds on this module; Manifests only names its classes
+    from .service import EndpointSlice, Service
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP", "SCTP")
@@ -67,6 +73,10 @@ def _rule(pattern: str, max_len: int, message: str) -> Callable[[str], str | Non
 dns1123_label_problem = _rule(_LABEL, 63, (
     f"a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', {_ENDS}"
     f" (e.g. 'my-name', or '123-abc', regex used for validation is '{_LABEL}')"))
+dns1035_label_problem = _rule(r"[a-z]([-a-z0-9]*[a-z0-9])?", 63, (
+    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
+    "alphabetic character, and end with an alphanumeric character (e.g. 'my-name', or 'abc-123', "
+    "regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"))
 dns1123_subdomain_problem = _rule(_SUBDOMAIN, 253, (
     "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
     f"'.', {_ENDS} (e.g. 'example.com', regex used for validation is '{_SUBDOMAIN}')"))
@@ -94,6 +104,12 @@ def qualified_name_problem(value: str) -> str | None:
     if slash and (problem := dns1123_subdomain_problem(prefix)):
         return f"prefix part {problem}"
     return _qualified_part_problem(name)
+
+
+def show_value(value: Any) -> str:
+    """How error messages quote a value: as JSON, cut at 60 characters."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _frozen_mapping(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
@@ -128,6 +144,30 @@ class _ClusterScoped:
     @property
     def object_key(self) -> ObjectKey:
         return (self.KIND, "", self.meta.name)
+
+
+class _Namespaced:
+    """Name and identity of an object that lives in a namespace (Pod, Service, EndpointSlice)."""
+
+    KIND: ClassVar[str]
+    meta: ObjectMeta
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def namespace(self) -> str:
+        return self.meta.namespace
+
+    @property
+    def key(self) -> str:
+        """The "namespace/name" form that kubectl and the API server's cache keys use."""
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+    @property
+    def object_key(self) -> ObjectKey:
+        return (self.KIND, self.meta.namespace, self.meta.name)
 
 
 @dataclass(frozen=True)
@@ -234,7 +274,7 @@ class Container:
 
 
 @dataclass(frozen=True)
-class Pod:
+class Pod(_Namespaced):
     """A pod: containers sharing one network namespace, optionally pinned to a node."""
 
     KIND: ClassVar[str] = "Pod"
@@ -243,23 +283,6 @@ class Pod:
     node_name: str | None = None
     restart_policy: RestartPolicy = "Always"
     termination_grace_period_seconds: int = 30
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    @property
-    def namespace(self) -> str:
-        return self.meta.namespace
-
-    @property
-    def key(self) -> str:
-        """The "namespace/name" form that kubectl and the API server's cache keys use."""
-        return f"{self.meta.namespace}/{self.meta.name}"
-
-    @property
-    def object_key(self) -> ObjectKey:
-        return (self.KIND, self.meta.namespace, self.meta.name)
 
     def container(self, name: str) -> Container:
         for container in self.containers:
@@ -289,7 +312,7 @@ class Pod:
 # Namespaces every cluster has; objects may live in them without a Namespace manifest.
 BUILTIN_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 
-ClusterObject = Namespace | Node | Pod
+ClusterObject = Union[Namespace, Node, Pod, "Service", "EndpointSlice"]
 
 
 def describe(obj: ClusterObject) -> str:
@@ -315,34 +338,44 @@ class Origin:
 class Manifests:
     """A consistent set of objects: no two with the same kind, namespace and name, and every
     namespaced object's namespace exists (built in, or declared in the set). Build one with
-    `collect`, which checks that; `a + b` (`a.merge(b)`) combines two sets and checks again."""
+    `collect`, which checks that; `a + b` (`a.merge(b)`) combines two sets and checks again.
+
+    Services come as written: a Service without spec.clusterIP has `cluster_ip` None until
+    `podnet.cluster.ipalloc.allocate_services` gives it one, as the API server does on create."""
 
     namespaces: tuple[Namespace, ...] = ()
     nodes: tuple[Node, ...] = ()
     pods: tuple[Pod, ...] = ()
+    services: tuple[Service, ...] = ()
+    endpoint_slices: tuple[EndpointSlice, ...] = ()
     origins: Mapping[ObjectKey, Origin] = field(default_factory=dict, compare=False, repr=False)
 
+    # kind -> the field holding objects of that kind, in the order `objects()` yields them
+    FIELDS: ClassVar[Mapping[str, str]] = MappingProxyType({
+        "Namespace": "namespaces", "Node": "nodes", "Pod": "pods", "Service": "services",
+        "EndpointSlice": "endpoint_slices"})
+
     def objects(self) -> Iterator[ClusterObject]:
-        return chain(self.namespaces, self.nodes, self.pods)
+        return chain.from_iterable(getattr(self, name) for name in self.FIELDS.values())
 
     @classmethod
     def collect(cls, entries: Iterable[tuple[ClusterObject, Origin]]) -> Manifests:
-        groups: dict[type, list[ClusterObject]] = {Namespace: [], Node: [], Pod: []}
+        groups: dict[str, list[ClusterObject]] = {kind: [] for kind in cls.FIELDS}
         origins: dict[ObjectKey, Origin] = {}
         for obj, origin in entries:
             if (first := origins.get(obj.object_key)) is not None:
                 raise ConfigError(f"{origin.source}: {describe(obj)}: metadata.name: duplicate "
                                   f'object "{obj.meta.name}", already defined at {first}')
             origins[obj.object_key] = origin
-            groups[type(obj)].append(obj)
-        known = BUILTIN_NAMESPACES | {ns.meta.name for ns in groups[Namespace]}
+            groups[obj.KIND].append(obj)
+        known = BUILTIN_NAMESPACES | {ns.meta.name for ns in groups["Namespace"]}
         for obj in chain.from_iterable(groups.values()):
             if (namespace := obj.object_key[1]) and namespace not in known:
                 raise ConfigError(f"{origins[obj.object_key].source}: {describe(obj)}: "
                                   f'metadata.namespace: namespace "{namespace}" not '
                                   "found (declare a Namespace of that name in the manifests)")
-        return cls(namespaces=tuple(groups[Namespace]), nodes=tuple(groups[Node]),
-                   pods=tuple(groups[Pod]), origins=MappingProxyType(origins))
+        return cls(**{name: tuple(groups[kind]) for kind, name in cls.FIELDS.items()},
+                   origins=MappingProxyType(origins))
 
     def merge(self, other: Manifests) -> Manifests:
         unknown = Origin("<unknown>", 0)
