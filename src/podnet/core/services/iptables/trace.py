@@ -44,6 +44,11 @@ class Outcome:
     masquerade: bool                    # SNAT or MASQUERADE was applied
     path: list[str] = field(default_factory=list)
     probability: float = 1.0
+    # for the datapath's own use (not in the JSON form): the numbers behind the text above
+    dnat: tuple[int, int] | None = None
+    reject_with: str | None = None
+    random_fully: bool = False
+    rules_examined: int = 0
 
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "destination": self.destination,
@@ -79,15 +84,17 @@ class _Chooser:
         return decision
 
 
-def _run(ruleset: Ruleset, pkt: PacketInfo, ctx: EvalContext, chooser: _Chooser) -> Outcome:
+def _run(ruleset: Ruleset, pkt: PacketInfo, ctx: EvalContext, chooser: _Chooser | None,
+         effects: bool = False) -> Outcome:
     pkt = dataclasses.replace(pkt)
     recent = ctx.recent if ctx.recent is not None else ruleset.recent
-    walk = Walk(ctx, recent, effects=False, chooser=chooser)
+    walk = Walk(ctx, recent, effects=effects, chooser=chooser)
     local = ctx.local_addresses
     path: list[str] = []
     destination: str | None = None
     masquerade = False
     present = set(ruleset.table_names)
+    extra = {"dnat": None, "reject_with": None, "random_fully": False, "rules_examined": 0}
 
     def hook(name: str) -> str | None:
         """Walk the hook's tables; a non-ACCEPT final verdict is returned, else None."""
@@ -97,14 +104,18 @@ def _run(ruleset: Ruleset, pkt: PacketInfo, ctx: EvalContext, chooser: _Chooser)
                 continue
             verdict = ruleset.walk(table, name, pkt, walk)
             path.extend(verdict.path)
+            extra["rules_examined"] += verdict.rules_examined
             if verdict.kind in ("DROP", "REJECT"):
+                extra["reject_with"] = verdict.reject_with
                 return verdict.kind
             if verdict.kind == "DNAT":
                 pkt.dst, pkt.dport = verdict.to_ip, verdict.to_port
                 pkt.ct_state |= CtState.DNAT
                 destination = f"{format_ipv4(pkt.dst)}:{pkt.dport}"
+                extra["dnat"] = (pkt.dst, pkt.dport)
             elif verdict.kind in ("SNAT", "MASQUERADE"):
                 masquerade = True
+                extra["random_fully"] = verdict.random_fully
                 pkt.ct_state |= CtState.SNAT
         return None
 
@@ -131,7 +142,13 @@ def _run(ruleset: Ruleset, pkt: PacketInfo, ctx: EvalContext, chooser: _Chooser)
                 break
     if final is None:
         final = "DNAT" if destination is not None else "ACCEPT"
-    return Outcome(final, destination, masquerade, path, chooser.probability)
+    return Outcome(final, destination, masquerade, path, chooser.probability if chooser else 1.0, **extra)
+
+
+def decide_first_packet(ruleset: Ruleset, pkt: PacketInfo, ctx: EvalContext) -> Outcome:
+    """The same walk as a trace, for real: counters count, nth counters advance, `recent --set`
+    records, and `statistic` draws come from ctx.rng. What the iptables backend does per NEW flow."""
+    return _run(ruleset, pkt, ctx, None, effects=True)
 
 
 def trace_first_packet(ruleset: Ruleset, pkt: PacketInfo, ctx: EvalContext, *,
