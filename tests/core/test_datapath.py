@@ -472,7 +472,7 @@ def test_trace_of_a_cached_flow_says_so_and_agrees_with_the_fast_path():
     n.dp.process(a_to_b(), n.a, 0.0)
     trace = n.dp.trace(a_to_b(), n.a, 1.0)
     assert trace.steps[0].stage == "flow" and trace.steps[0].decision == "cached"
-    assert [s.stage for s in trace.steps[1:]] == ["eth", "ipv4", "route", "forward"]
+    assert [s.stage for s in trace.steps[1:]] == ["eth", "ipv4", "conntrack", "route", "forward"]
     assert normalized(trace.actions) == normalized(n.dp.process(a_to_b(), n.a, 1.0))
 
 

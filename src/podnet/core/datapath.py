@@ -30,13 +30,18 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import random
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import nat
 from . import packet as pk
+from .conntrack import REPEAT, Conntrack, Entry, Refusal
 from .l2 import GATEWAY_IP, GATEWAY_MAC, LearningBridge, ProxyArp
+from .services.base import NO_SERVICE, Decision, ServiceBackend, Verdict
+from .services.packetinfo import CtState, PacketInfo
 from .packet import DropReason
 from .routing import Route, RouteTable
 from ..errors import ConfigError
@@ -143,8 +148,11 @@ class _Ctx:
             self.steps.append(TraceStep(stage, decision, detail))
 
 
-# flow-cache entry layout (a list, for speed): out port, new Ethernet dst+src, packets, bytes, last seen
-_OUT, _ETH, _PKTS, _BYTES, _SEEN = range(5)
+# flow-cache entry layout (a list, for speed): out port, new Ethernet dst+src, packets, bytes, last
+# seen, the conntrack entry, the direction of the flow this key is, and the NAT binding (or None)
+_OUT, _ETH, _PKTS, _BYTES, _SEEN, _CT, _DIR, _NAT = range(8)
+DROPPED = -1  # what forward_fast answers for a frame it dropped itself (counted): no port has it
+_EPHEMERAL = (1024, 65535)  # the port range MASQUERADE picks from when it must move a source port
 
 
 @dataclass
@@ -161,6 +169,9 @@ class _Counters:
     flow_table_full: int = 0
     arp_replies: int = 0
     icmp_sent: int = 0
+    decisions: int = 0        # NEW flows the Service backend decided
+    decision_cost: int = 0    # rules walked / lookups made for them, in the backend's unit
+    resets_sent: int = 0
 
 
 class Datapath:
@@ -168,7 +179,9 @@ class Datapath:
 
     def __init__(self, *, mode: NodeMode = NodeMode.ROUTED, node_cidr: str = "10.244.0.0/24",
                  gateway_ip: str | None = None, gateway_mac: str = GATEWAY_MAC,
-                 flow_idle_timeout_s: float = 30.0, max_flows: int = 65536) -> None:
+                 flow_idle_timeout_s: float = 30.0, max_flows: int = 65536,
+                 node_ip: str | None = None, backend: ServiceBackend | None = None,
+                 conntrack: Conntrack | None = None, seed: int = 0) -> None:
         self.mode = mode
         self.node_cidr = node_cidr
         try:
@@ -195,8 +208,26 @@ class Datapath:
             self.routes.add(node_cidr, 0, kind="unreachable")  # the node's own block: no pod, no route
         except ValueError as exc:
             raise ConfigError(f"Datapath node_cidr {node_cidr!r}: {exc}") from None
+        # the node's own address: masquerade source, answers pings; traffic to it never leaves
+        self.node_ip = pk.ip_int(node_ip) if node_ip else None
+        if self.node_ip is not None:
+            self.routes.add(f"{node_ip}/32", 0, kind="local")
+        self.backend = backend
+        self.conntrack = conntrack if conntrack is not None else Conntrack()
+        self.conntrack.on_destroy = self._ct_destroyed
+        self._ct_flows: dict[int, list[tuple]] = {}   # conntrack entry id -> flow-cache keys
+        self._rng = random.Random(seed)
         # any change to the table, also one made directly on `routes`, empties the flow cache
         self.routes.on_change = self._flush_flows
+
+    @property
+    def local_addresses(self) -> frozenset[int]:
+        return frozenset(a for a in (self.gateway_ip, self.node_ip) if a is not None)
+
+    def set_backend(self, backend: ServiceBackend | None) -> None:
+        """Switch the Service backend. Established flows keep their conntrack NAT, as on a node
+        whose kube-proxy changed mode; only NEW flows ask the new backend."""
+        self.backend = backend
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -241,24 +272,44 @@ class Datapath:
     def process(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> list[Transmit | Drop]:
         if type(frame) is bytes:
             frame = bytearray(frame)
-        out = self.forward_fast(frame, in_port, now)
+        out = self.forward_fast(frame, in_port, now, vnet)
         if out is not None:
+            if out == DROPPED:
+                return [Drop(DropReason.CT_INVALID, in_port, "fast path")]
             # tuple.__new__ skips the NamedTuple's Python-level __new__ on the per-frame path
             return [_new_tuple(Transmit, (out, frame, vnet))]
         return self._slow(frame, in_port, vnet, _Ctx(now))
 
-    def forward_fast(self, frame, in_port: int, now: float) -> int | None:
-        """The fast path alone: rewrite `frame` for its cached flow and return the output port, or
-        return None (frame untouched) when it needs `process_slow`. `process` is exactly
-        `forward_fast`, then `process_slow` on None; the runtime calls the two itself so an
-        established frame costs no action list."""
+    def forward_fast(self, frame, in_port: int, now: float, vnet=None) -> int | None:
+        """The fast path alone: rewrite `frame` for its cached flow and return the output port;
+        DROPPED when conntrack refused the packet (counted); None, frame untouched, when it needs
+        `process_slow`. `process` is exactly this, then `process_slow` on None; the runtime calls
+        the two itself so an established frame costs no action list.
+
+        TCP segments with SYN, FIN or RST always take the slow path: they move conntrack's state
+        machine, and the trace should show it."""
         flow = self._fast_flow(frame, in_port)
         if flow is None:
             return None
+        entry = flow[_CT]
+        n = len(frame)
+        if entry is not None:
+            if frame[23] == 6:
+                flags = frame[47]
+                if flags & 0x07:
+                    return None
+            else:
+                flags = 0
+            state = self.conntrack.update(entry, flow[_DIR], now, tcp_flags=flags, length=n - 14)
+            if state is CtState.INVALID:
+                self._c.drops[DropReason.CT_INVALID.value] += 1
+                return DROPPED
+            if flow[_NAT] is not None:
+                nat.apply(frame, 34, flow[_NAT], flow[_DIR], vnet)
         pk.decrement_ttl(frame, frame[22])
         frame[0:12] = flow[_ETH]
         flow[_PKTS] += 1
-        flow[_BYTES] += len(frame)
+        flow[_BYTES] += n
         flow[_SEEN] = now
         return flow[_OUT]
 
@@ -367,13 +418,53 @@ class Datapath:
         if port.kind is PortKind.POD and info.src != port.ip:
             return [self._drop(ctx, DropReason.SOURCE_SPOOFED, port.id, "rpf",
                                f"{pk.ip_str(info.src)} is not {port.name}'s address")]
-        route = self.routes.lookup(info.dst)
+        if info.proto == pk.IPPROTO_ICMP and info.sport >> 8 not in pk.ICMP_QUERY_TYPES:
+            # an ICMP error is never a flow of its own: translated like the flow it is about
+            info = self._related(frame, info, vnet, ctx)
+            key = None
+        else:
+            # a later fragment has no ports: it is forwarded as it is (podnet does not reassemble)
+            key = _ct_key(frame, info)
+        tcp_flags = frame[info.l4 + 13] if info.proto == pk.IPPROTO_TCP and info.first_fragment else 0
+        entry: Entry | None = None
+        direction = 0
+        hit = None
+        if key is not None:
+            # a trace must not expire anything: it only treats an overdue entry as gone
+            hit = self.conntrack.lookup(key, ctx.now if ctx.commit else None)
+            if hit is not None and not ctx.commit and hit[0].deadline <= ctx.now:
+                hit = None
+        if hit is not None:
+            entry, direction = hit
+            if ctx.commit:
+                state = self.conntrack.update(entry, direction, ctx.now, tcp_flags=tcp_flags,
+                                              length=info.total_length)
+                if state is REPEAT:   # a SYN reopened a closed flow: it is a new connection
+                    entry, hit = None, None
+                elif state is CtState.INVALID:
+                    return [self._drop(ctx, DropReason.CT_INVALID, port.id, "conntrack", f"flow {entry.id}")]
+            if entry is not None:
+                ctx.step("conntrack", f"{'reply' if direction else 'original'} direction of flow {entry.id}",
+                         f"{entry.state.name if entry.state is not None else ''} nat {'yes' if entry.nat else 'no'}")
+        decision = NO_SERVICE
+        if entry is None and key is not None:
+            decision = self._decide(info, port, ctx)
+            if decision.verdict is not Verdict.ACCEPT:
+                return self._refuse(frame, info, port, decision, ctx)
+        # where the packet goes after DNAT (new flows) or the flow's pinned NAT (tracked ones)
+        dst = info.dst
+        if entry is not None and entry.nat is not None:
+            rewrite = entry.nat.rewrites[direction]
+            dst = rewrite.dst if rewrite.dst is not None else dst
+        elif decision.dnat is not None:
+            dst = decision.dnat[0]
+        route = self.routes.lookup(dst)
         if route is None or route.kind == "unreachable":
             why = "no route" if route is None else f"unreachable route {route}"
-            ctx.step("route", why, pk.ip_str(info.dst))
+            ctx.step("route", why, pk.ip_str(dst))
             code = pk.ICMP_NET_UNREACH if route is None else pk.ICMP_HOST_UNREACH
             return self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, code, ctx) + [
-                self._drop(ctx, DropReason.NO_ROUTE, port.id, "route", pk.ip_str(info.dst))]
+                self._drop(ctx, DropReason.NO_ROUTE, port.id, "route", pk.ip_str(dst))]
         ctx.step("route", "match", str(route))
         if route.kind == "local":
             return self._local(frame, info, port, ctx)
@@ -383,13 +474,114 @@ class Datapath:
         out = self._ports.get(route.port)
         if out is None:
             return [self._drop(ctx, DropReason.UNKNOWN_PORT, port.id, "route", f"route to port {route.port}")]
+        if entry is None and key is not None and ctx.commit:
+            made = self._track(key, info, port, decision, tcp_flags, ctx)
+            if isinstance(made, Drop):
+                return [made]
+            entry = made
+        binding = entry.nat if entry is not None else None
+        if binding is not None:
+            nat.apply(frame, info.l4, binding, direction, vnet)
+            r = binding.rewrites[direction]
+            ctx.step("nat", "reply: un-NAT" if direction else "NAT", _describe_rewrite(r))
+        elif not ctx.commit and (decision.dnat is not None or decision.masquerade):
+            ctx.step("nat", "would NAT", f"dnat {_hostport(decision.dnat)} masquerade {decision.masquerade}")
         pk.decrement_ttl(frame, info.ttl)
         eth = out.mac + self.gateway_mac
         frame[0:12] = eth
         ctx.step("forward", f"to {out.name}", f"ttl {info.ttl - 1}, {pk.mac_str(self.gateway_mac)} > {pk.mac_str(out.mac)}")
         if ctx.commit and info.ihl == 20 and not info.is_fragment and info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
-            self._install_flow(frame, port.id, info, out.id, eth, ctx.now)
+            self._install_flow(frame, port.id, info, out.id, eth, ctx.now, entry, direction)
         return [self._emit(ctx, out.id, frame, vnet)]
+
+    # ---- conntrack and the Service backend -----------------------------------------------------
+
+    def _decide(self, info: pk.IPv4Info, port: Port, ctx: _Ctx) -> Decision:
+        """A NEW flow: the backend decides at its hooks (nothing to decide without one)."""
+        if self.backend is None:
+            return NO_SERVICE
+        pkt = PacketInfo(info.src, info.dst, info.proto, info.sport if info.proto != pk.IPPROTO_ICMP else 0,
+                         info.dport if info.proto != pk.IPPROTO_ICMP else 0, in_iface=port.name,
+                         ct_state=CtState.NEW, length=info.total_length)
+        decision = self.backend.decide(pkt, ctx.now, local_source=info.src in self.local_addresses,
+                                       effects=ctx.commit)
+        if ctx.commit:
+            self._c.decisions += 1
+            self._c.decision_cost += decision.cost
+        target = f"DNAT to {_hostport(decision.dnat)}" if decision.dnat else "no service"
+        ctx.step(self.backend.name, f"{decision.verdict.value} {target}"
+                 + (", masquerade" if decision.masquerade else ""), " ".join(decision.path))
+        return decision
+
+    def _refuse(self, frame, info: pk.IPv4Info, port: Port, decision: Decision, ctx: _Ctx) -> list[Transmit | Drop]:
+        if decision.verdict is Verdict.DROP:
+            return [self._drop(ctx, DropReason.SERVICE_DROP, port.id, "service", " ".join(decision.path[-1:]))]
+        actions: list[Transmit | Drop] = []
+        how = decision.reject_with or "icmp-port-unreachable"
+        if how == "tcp-reset" and info.proto == pk.IPPROTO_TCP and not frame[info.l4 + 13] & 0x04:
+            ctx.step("reject", "tcp-reset", f"from {pk.ip_str(info.dst)}:{info.dport}")
+            if ctx.commit:
+                self._c.resets_sent += 1
+            actions.append(self._emit(ctx, port.id, pk.build_tcp_reset(frame, info, self.gateway_mac)))
+        elif how in pk.REJECT_WITH_CODES:
+            actions += self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, pk.REJECT_WITH_CODES[how], ctx)
+        return actions + [self._drop(ctx, DropReason.SERVICE_REJECT, port.id, "service", how)]
+
+    def _track(self, key: tuple, info: pk.IPv4Info, port: Port, decision: Decision, tcp_flags: int,
+               ctx: _Ctx) -> Entry | Drop:
+        """Pin a NEW flow in conntrack with its NAT (the kernel's confirm after the last hook)."""
+        snat = None
+        if decision.masquerade and self.node_ip is not None:
+            snat = (self.node_ip, self._masquerade_port(key, decision))
+        made = self.conntrack.new(key, ctx.now, dnat=decision.dnat, snat=snat, tcp_flags=tcp_flags,
+                                  length=info.total_length, mark=decision.mark)
+        if isinstance(made, Refusal):
+            reason = {Refusal.TABLE_FULL: DropReason.CT_TABLE_FULL,
+                      Refusal.CLASH: DropReason.CT_CLASH}.get(made, DropReason.CT_INVALID)
+            return self._drop(ctx, reason, port.id, "conntrack", made.name)
+        if self.backend is not None and decision.is_service:
+            made.backend = decision
+        ctx.step("conntrack", f"new flow {made.id}", f"reply tuple {_tuple_text(made.reply)}")
+        return made
+
+    def _masquerade_port(self, key: tuple, decision: Decision) -> int | None:
+        """Keep the source port unless it is taken for this destination (or --random-fully)."""
+        proto, _src, sport, dst, dport = key
+        if proto not in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
+            return None
+        if decision.dnat is not None:
+            dst, dport = decision.dnat
+        if not decision.random_fully and not self.conntrack.in_use((proto, dst, dport, self.node_ip, sport)):
+            return sport
+        for _ in range(64):
+            port = self._rng.randint(*_EPHEMERAL)
+            if not self.conntrack.in_use((proto, dst, dport, self.node_ip, port)):
+                return port
+        return sport  # give up: the clash check at confirm decides
+
+    def _related(self, frame, info: pk.IPv4Info, vnet, ctx: _Ctx) -> pk.IPv4Info:
+        """An ICMP error about a tracked, NATed flow is translated like that flow (RELATED), so it
+        reaches the flow's other end as that end knows it; returns the packet's new header."""
+        inner = nat.icmp_error_inner(frame, info.l4)
+        hit = self.conntrack.lookup_related(inner, ctx.now if ctx.commit else None) if inner is not None else None
+        if hit is None:
+            return info
+        entry, direction = hit
+        ctx.step("conntrack", f"RELATED to flow {entry.id}", f"{'reply' if direction else 'original'} direction")
+        if entry.nat is not None and nat.rewrite_icmp_error(frame, info.l4, entry.nat, direction, vnet):
+            parsed = pk.parse_ipv4(frame)
+            if isinstance(parsed, pk.IPv4Info):
+                return parsed
+        return info
+
+    def _ct_destroyed(self, entry: Entry) -> None:
+        """Conntrack forgot a flow: its flow-cache entries go, and its backend hears of it."""
+        for key in self._ct_flows.pop(entry.id, ()):
+            flow = self._flows.pop(key, None)
+            if flow is not None:
+                self._retire(key, flow)
+        if self.backend is not None and isinstance(entry.backend, Decision):
+            self.backend.flow_closed(entry.backend, entry.deadline)
 
     def _local(self, frame, info: pk.IPv4Info, port: Port, ctx: _Ctx) -> list[Transmit | Drop]:
         """Addressed to the node itself: the gateway answers pings and nothing else."""
@@ -433,7 +625,7 @@ class Datapath:
     # ---- the flow cache ----------------------------------------------------------------------
 
     def _install_flow(self, frame, in_port: int, info: pk.IPv4Info, out_port: int, eth: bytes,
-                      now: float) -> None:
+                      now: float, entry: Entry | None = None, direction: int = 0) -> None:
         ports = info.sport << 16 | info.dport
         key = (in_port, info.proto, info.src, info.dst, ports)
         if key in self._flows:
@@ -442,7 +634,9 @@ class Datapath:
             self._c.flow_table_full += 1
             return
         # the slow path already counted this frame; the entry counts from the next one
-        self._flows[key] = [out_port, eth, 0, 0, now]
+        self._flows[key] = [out_port, eth, 0, 0, now, entry, direction, entry.nat if entry is not None else None]
+        if entry is not None:
+            self._ct_flows.setdefault(entry.id, []).append(key)
         self._c.flows_installed += 1
         if self._next_sweep is None:
             self._next_sweep = now + _FLOW_SWEEP_INTERVAL_S
@@ -459,6 +653,7 @@ class Datapath:
         for key, flow in self._flows.items():
             self._retire(key, flow)
         self._flows.clear()
+        self._ct_flows.clear()
         self._next_sweep = None
 
     def flows(self) -> list[tuple[tuple, list]]:
@@ -477,7 +672,12 @@ class Datapath:
                         self.bridge.learn(port.mac, port.id, flow[_SEEN])
             idle = [k for k, f in self._flows.items() if now - f[_SEEN] >= self.flow_idle_timeout_s]
             for key in idle:
-                self._retire(key, self._flows.pop(key))
+                flow = self._flows.pop(key)
+                self._retire(key, flow)
+                if flow[_CT] is not None:
+                    keys = self._ct_flows.get(flow[_CT].id)
+                    if keys is not None and key in keys:
+                        keys.remove(key)
             self._next_sweep = now + _FLOW_SWEEP_INTERVAL_S if self._flows else None
         if self.bridge is not None:
             self.bridge.expire(now)
@@ -503,3 +703,33 @@ class Datapath:
                       for p in self._ports.values())
         return DatapathStatistics(ports, dict(c.drops), dict(c.stages), fast, c.slow, len(self._flows),
                                   c.flows_installed, c.flow_table_full, c.arp_replies, c.icmp_sent)
+
+
+def _ct_key(frame, info: pk.IPv4Info) -> tuple | None:
+    """Conntrack's tuple for a packet: (proto, src, sport, dst, dport); for ICMP queries the echo
+    identifier and type << 8 | code. None for a non-first fragment (no ports to track by)."""
+    if not info.first_fragment:
+        return None
+    if info.proto == pk.IPPROTO_ICMP:
+        ident = frame[info.l4 + 4] << 8 | frame[info.l4 + 5]
+        return (info.proto, info.src, ident, info.dst, info.sport)
+    if info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
+        return (info.proto, info.src, info.sport, info.dst, info.dport)
+    return (info.proto, info.src, 0, info.dst, 0)
+
+
+def _hostport(pair: tuple[int, int] | None) -> str:
+    return "-" if pair is None else f"{pk.ip_str(pair[0])}:{pair[1]}"
+
+
+def _tuple_text(t: tuple) -> str:
+    return f"{pk.ip_str(t[1])}:{t[2]} > {pk.ip_str(t[3])}:{t[4]}"
+
+
+def _describe_rewrite(r) -> str:
+    parts = []
+    if r.src is not None or r.sport is not None:
+        parts.append(f"src -> {pk.ip_str(r.src) if r.src is not None else '*'}:{r.sport if r.sport is not None else '*'}")
+    if r.dst is not None or r.dport is not None:
+        parts.append(f"dst -> {pk.ip_str(r.dst) if r.dst is not None else '*'}:{r.dport if r.dport is not None else '*'}")
+    return ", ".join(parts)

@@ -74,6 +74,11 @@ class DropReason(enum.Enum):
     NOT_FOR_GATEWAY = "not_for_gateway"
     BRIDGE_SAME_PORT = "bridge_same_port"
     ICMP_BAD_CHECKSUM = "icmp_bad_checksum"
+    CT_INVALID = "ct_invalid"              # conntrack's state machine refused it (KUBE-FORWARD drops INVALID)
+    CT_TABLE_FULL = "ct_table_full"        # a NEW flow on a full table (nf_conntrack_max)
+    CT_CLASH = "ct_clash"                  # a NEW flow whose tuple another entry holds
+    SERVICE_DROP = "service_drop"          # the service backend said DROP
+    SERVICE_REJECT = "service_reject"      # ... or REJECT (an RST or ICMP error was sent)
 
 
 def mac_bytes(mac: str | bytes) -> bytes:
@@ -207,6 +212,29 @@ def build_icmp_echo_reply(frame, info: IPv4Info, our_mac: bytes) -> bytes:
     body[2:4] = b"\x00\x00"
     body[2:4] = struct.pack("!H", internet_checksum(body))
     return _ipv4_frame(our_mac, bytes(frame[6:12]), info.dst, info.src, IPPROTO_ICMP, bytes(body))
+
+
+def build_tcp_reset(frame, info: IPv4Info, our_mac: bytes) -> bytes:
+    """The RST that `REJECT --reject-with tcp-reset` sends back (nf_send_reset): from the packet's
+    destination to its source; it ACKs what the segment occupied when the segment had no ACK."""
+    seq, ack = struct.unpack_from("!II", frame, info.l4 + 4)
+    doff = (frame[info.l4 + 12] >> 4) * 4
+    flags = frame[info.l4 + 13]
+    if flags & 0x10:  # ACK set: RST with seq = their ack, nothing acknowledged
+        rst = dpkt.tcp.TCP(sport=info.dport, dport=info.sport, seq=ack, ack=0, flags=dpkt.tcp.TH_RST)
+    else:
+        occupied = info.total_length - info.ihl - doff + (flags & 0x01) + (flags >> 1 & 0x01)
+        rst = dpkt.tcp.TCP(sport=info.dport, dport=info.sport, seq=0, ack=(seq + occupied) & 0xFFFFFFFF,
+                           flags=dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK)
+    return _ipv4_frame(our_mac, bytes(frame[6:12]), info.dst, info.src, IPPROTO_TCP, rst)
+
+
+# REJECT --reject-with names → ICMP destination unreachable codes (RFC 792, RFC 1812)
+REJECT_WITH_CODES = {
+    "icmp-net-unreachable": 0, "icmp-host-unreachable": 1, "icmp-proto-unreachable": 2,
+    "icmp-port-unreachable": 3, "icmp-net-prohibited": 9, "icmp-host-prohibited": 10,
+    "icmp-admin-prohibited": 13,
+}
 
 
 def build_icmp_error(frame, info: IPv4Info, icmp_type: int, code: int, our_mac: bytes,

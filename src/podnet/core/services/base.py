@@ -89,8 +89,11 @@ class ServiceBackend(abc.ABC):
         """Program the backend for exactly `services` (a full resync or a partial one)."""
 
     @abc.abstractmethod
-    def decide(self, pkt: PacketInfo, now: float, *, local_source: bool = False) -> Decision:
-        """The fate of the first packet of a connection."""
+    def decide(self, pkt: PacketInfo, now: float, *, local_source: bool = False,
+               effects: bool = True) -> Decision:
+        """The fate of the first packet of a connection. With effects=False (a trace) nothing may
+        change: no counters, no affinity or connection records, no random draws from the backend's
+        own generator."""
 
     @abc.abstractmethod
     def dump(self) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from .base import Decision, ProxyServicePort, ServiceBackend, SyncReport, Verdict
 from .iptables import EvalContext, Ruleset
-from .iptables.trace import decide_first_packet
+from .iptables.trace import decide_first_packet, trace_first_packet
 from .kubeproxy import KubeProxyIptables
 from .packetinfo import PacketInfo
 
@@ -54,9 +54,16 @@ class IptablesBackend(ServiceBackend):
                                   "chains_deleted": len(result.chains_deleted),
                                   "payload_bytes": len(result.payload)})
 
-    def decide(self, pkt: PacketInfo, now: float, *, local_source: bool = False) -> Decision:
-        ctx = EvalContext(now=now, local_addresses=self.local_addresses, rng=self.rng)
-        outcome = decide_first_packet(self.ruleset, pkt, ctx)
+    def decide(self, pkt: PacketInfo, now: float, *, local_source: bool = False,
+               effects: bool = True) -> Decision:
+        if effects:
+            ctx = EvalContext(now=now, local_addresses=self.local_addresses, rng=self.rng)
+            outcome = decide_first_packet(self.ruleset, pkt, ctx)
+        else:  # a trace: the same walk on a copy of the generator, changing nothing
+            rng = random.Random()
+            rng.setstate(self.rng.getstate())
+            ctx = EvalContext(now=now, local_addresses=self.local_addresses, rng=rng)
+            outcome = trace_first_packet(self.ruleset, pkt, ctx)[0]
         verdict = {"DROP": Verdict.DROP, "REJECT": Verdict.REJECT}.get(outcome.verdict, Verdict.ACCEPT)
         return Decision(verdict=verdict, dnat=outcome.dnat, masquerade=outcome.masquerade,
                         random_fully=outcome.random_fully, reject_with=outcome.reject_with,
