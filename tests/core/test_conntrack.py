@@ -22,11 +22,9 @@ from podnet.core.conntrack import (
     Status,
     TcpState,
     Timeouts,
-    format_conntrack_C,
-    format_conntrack_L,
-    format_conntrack_S,
     invert,
 )
+from podnet.core.conntrack_format import format_conntrack_C, format_conntrack_L, format_conntrack_S
 from podnet.core.packet import ip_int
 from podnet.core.services.packetinfo import CtState
 from podnet.errors import ConfigError
@@ -733,3 +731,23 @@ def test_tcp_states_match_the_kernels_transcript(name):
             seen = (e.state.name, e.remaining(now + 0.05), e.assured, not e.seen_reply)
         assert seen == expected, (name, who, flags)
     assert ct.statistics().invalid == KERNEL_INVALID.get(name, 0)
+
+
+def test_update_steady_does_what_update_does_for_steady_packets():
+    """The fast path's shortcut leaves an entry exactly as `update` would, and declines the rest."""
+    def handshake(ct):
+        e = ct.new((6, CLIENT, 40000, VIP, 80), 0.0, tcp_flags=TCP_SYN)
+        ct.update(e, 1, 0.1, tcp_flags=TCP_SYN | TCP_ACK)
+        ct.update(e, 0, 0.2, tcp_flags=TCP_ACK)
+        return e
+    slow, fast = Conntrack(), Conntrack()
+    a, b = handshake(slow), handshake(fast)
+    for i, (direction, flags) in enumerate([(0, TCP_ACK | TCP_PSH), (1, TCP_ACK), (1, TCP_ACK | TCP_PSH)]):
+        slow.update(a, direction, 5.0 + i, tcp_flags=flags, length=100)
+        assert fast.update_steady(b, direction, 5.0 + i, flags, 100)
+    assert (a.deadline, a.packets, a.bytes, a.state, a.status) == (b.deadline, b.packets, b.bytes, b.state, b.status)
+    assert a._last_class == b._last_class and a._last_dir == b._last_dir
+    assert not fast.update_steady(b, 0, 9.0, TCP_ACK | TCP_FIN, 0)       # a FIN moves the state
+    assert not fast.update_steady(b, 0, 9.0, TCP_RST, 0)
+    unassured = Conntrack().new((6, CLIENT, 40001, VIP, 80), 0.0, tcp_flags=TCP_SYN)
+    assert not Conntrack().update_steady(unassured, 0, 1.0, TCP_ACK, 0)

@@ -49,6 +49,7 @@ from ..errors import ConfigError
 # dst MAC, ethertype, then IPv4 ver_ihl, tot_len, frag, ttl, proto, src, dst and the L4 ports —
 # everything the fast path checks, read in one call
 _FAST = struct.Struct("!6s6xHBxHxxHBBxxIII")
+_WORDS = struct.Struct("!5I")  # the IPv4 header as 32-bit words (2**32 == 1 modulo 0xffff, like 2**16)
 _FLOW_SWEEP_INTERVAL_S = 1.0
 _new_tuple = tuple.__new__
 
@@ -215,6 +216,7 @@ class Datapath:
         self.backend = backend
         self.conntrack = conntrack if conntrack is not None else Conntrack()
         self.conntrack.on_destroy = self._ct_destroyed
+        self._ct_steady = self.conntrack.update_steady
         self._ct_flows: dict[int, list[tuple]] = {}   # conntrack entry id -> flow-cache keys
         self._rng = random.Random(seed)
         # any change to the table, also one made directly on `routes`, empties the flow cache
@@ -280,33 +282,43 @@ class Datapath:
             return [_new_tuple(Transmit, (out, frame, vnet))]
         return self._slow(frame, in_port, vnet, _Ctx(now))
 
-    def forward_fast(self, frame, in_port: int, now: float, vnet=None) -> int | None:
+    def forward_fast(self, frame, in_port: int, now: float, vnet=None, commit: bool = True) -> int | None:
         """The fast path alone: rewrite `frame` for its cached flow and return the output port;
         DROPPED when conntrack refused the packet (counted); None, frame untouched, when it needs
         `process_slow`. `process` is exactly this, then `process_slow` on None; the runtime calls
-        the two itself so an established frame costs no action list.
+        the two itself so an established frame costs no action list. With commit=False (a trace)
+        it only answers whether the fast path would take the frame, changing nothing.
 
-        TCP segments with SYN, FIN or RST always take the slow path: they move conntrack's state
-        machine, and the trace should show it."""
-        flow = self._fast_flow(frame, in_port)
-        if flow is None:
+        The checks are the slow path's: a cached flow is TCP or UDP with a 20-byte IP header, not a
+        fragment, TTL left to decrement, its L4 header inside the total length (20 + 20 or 20 + 8),
+        addressed to the gateway MAC, a valid IPv4 header checksum (a correct header's 32-bit words
+        sum to 0 modulo 0xffff). TCP segments with SYN, FIN or RST always take the slow path: they
+        move conntrack's state machine, and the trace should show it."""
+        n = len(frame)
+        if n < 38:
+            return None
+        dst_mac, ethertype, ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame)
+        if ethertype != 0x0800:
+            return None
+        flow = self._flows.get((in_port, proto, src, dst, ports))
+        if (flow is None or ver_ihl != 0x45 or frag & 0x3FFF or ttl <= 1
+                or not (40 if proto == 6 else 28) <= tot_len <= n - 14 or dst_mac != self.gateway_mac
+                or sum(_WORDS.unpack_from(frame, 14)) % 0xFFFF):
             return None
         entry = flow[_CT]
-        n = len(frame)
+        flags = frame[47] if proto == 6 else 0
+        if entry is not None and flags & 0x07:
+            return None
+        if not commit:
+            return flow[_OUT]
         if entry is not None:
-            if frame[23] == 6:
-                flags = frame[47]
-                if flags & 0x07:
-                    return None
-            else:
-                flags = 0
-            state = self.conntrack.update(entry, flow[_DIR], now, tcp_flags=flags, length=n - 14)
-            if state is CtState.INVALID:
-                self._c.drops[DropReason.CT_INVALID.value] += 1
-                return DROPPED
+            if not self._ct_steady(entry, flow[_DIR], now, flags, n - 14):
+                if self.conntrack.update(entry, flow[_DIR], now, tcp_flags=flags, length=n - 14) is CtState.INVALID:
+                    self._c.drops[DropReason.CT_INVALID.value] += 1
+                    return DROPPED
             if flow[_NAT] is not None:
                 nat.apply(frame, 34, flow[_NAT], flow[_DIR], vnet)
-        pk.decrement_ttl(frame, frame[22])
+        pk.decrement_ttl(frame, ttl)
         frame[0:12] = flow[_ETH]
         flow[_PKTS] += 1
         flow[_BYTES] += n
@@ -317,32 +329,12 @@ class Datapath:
         """The slow path, for a frame `forward_fast` declined."""
         return self._slow(frame, in_port, vnet, _Ctx(now))
 
-    def _fast_flow(self, frame, in_port: int) -> list | None:
-        """The cached flow `frame` belongs to, if the fast path may forward it; else None.
-
-        The same checks as the slow path make: a cached flow is TCP or UDP with a 20-byte IP header,
-        not a fragment, TTL left to decrement, its L4 header inside the total length (20 + 20 or
-        20 + 8), addressed to the gateway MAC, a valid IPv4 header checksum.
-        """
-        n = len(frame)
-        if n < 38:
-            return None
-        dst_mac, ethertype, ver_ihl, tot_len, frag, ttl, proto, src, dst, ports = _FAST.unpack_from(frame)
-        if ethertype != 0x0800:
-            return None
-        flow = self._flows.get((in_port, proto, src, dst, ports))
-        if (flow is not None and ver_ihl == 0x45 and not frag & 0x3FFF and ttl > 1
-                and (40 if proto == 6 else 28) <= tot_len <= n - 14 and dst_mac == self.gateway_mac
-                and int.from_bytes(frame[14:34], "big") % 0xFFFF == 0):
-            return flow
-        return None
-
     def trace(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> Trace:
         """Every decision the slow path would make for `frame`, without changing any state."""
         frame = bytearray(frame)
         description = pk.describe(frame)
         ctx = _Ctx(now, commit=False, steps=[])
-        if self._fast_flow(frame, in_port) is not None:
+        if self.forward_fast(frame, in_port, now, vnet, commit=False) is not None:
             ctx.step("flow", "cached", "an established flow: the fast path gives the same result")
         actions = self._slow(frame, in_port, vnet, ctx)
         port = self._ports.get(in_port)

@@ -85,9 +85,20 @@ class Node:
             await port.wait_readable()
             now = trio.current_time()
             handled = 0
-            while (got := receive()) is not None:
+            while True:
+                got = receive()
+                if got is None:
+                    if not handled:
+                        break
+                    # drained: let the other ports run (the ACKs of this data come back through
+                    # one of them), then look again before paying for a new epoll wait
+                    self.frames_processed += handled
+                    handled = 0
+                    await trio.lowlevel.checkpoint()
+                    now = trio.current_time()
+                    continue
                 frame, vnet = got
-                out = fast(frame, port_id, now)
+                out = fast(frame, port_id, now, vnet)
                 if out is not None:
                     target = ports.get(out)
                     if target is not None:
@@ -104,7 +115,6 @@ class Node:
                     handled = 0
                     await trio.lowlevel.checkpoint()
                     now = trio.current_time()
-            self.frames_processed += handled
             if not self._timer_changed.is_set():
                 self._timer_changed.set()
 
