@@ -20,6 +20,19 @@ from podnet.lab import LabConfig, open_lab
 HERE = Path(__file__).resolve().parent
 
 
+def service_rules(save: str, service_port: str) -> str:
+    """The lines of an iptables-save that belong to one service port: its KUBE-SERVICES entry and
+    the KUBE-SVC / KUBE-SEP chains it jumps to."""
+    lines = [line for line in save.splitlines() if line.startswith("-A KUBE-SERVICES") and service_port in line]
+    chains = {word for line in lines for word in line.split() if word.startswith("KUBE-SVC-")}
+    for line in save.splitlines():
+        if line.startswith("-A KUBE-SVC-") and line.split()[1] in chains:
+            lines.append(line)
+            chains.update(w for w in line.split() if w.startswith("KUBE-SEP-"))
+    lines += [line for line in save.splitlines() if line.startswith("-A KUBE-SEP-") and line.split()[1] in chains]
+    return "\n".join(dict.fromkeys(lines))
+
+
 def banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 76 - len(text)), flush=True)
 
@@ -47,6 +60,22 @@ async def main(manifests: list[str], config: LabConfig | None = None) -> dict:
             print(f"curl {url:<26} -> {answer}")
         result = await lab.exec("client", ["ping", "-c", "2", "-i", "0.2", "-W", "1", "169.254.1.1"], namespace="demo")
         print(result.stdout.decode().strip().splitlines()[-2])
+
+        svc = next(s for s in lab.services_status() if s["name"] == "web")
+        banner(f"Service demo/web: ClusterIP {svc['cluster_ip']} port 80, backend {lab.backend.name}")
+        answers: dict[str, int] = {}
+        url = f"http://{svc['cluster_ip']}/"
+        script = "for i in $(seq 30); do curl -sS -m 5 " + url + "; done"
+        result = await lab.exec("client", ["sh", "-c", script], namespace="demo")
+        for line in result.stdout.decode().split():
+            answers[line] = answers.get(line, 0) + 1
+        seen["service"] = answers
+        print(f"30 x curl {url} -> " + ", ".join(f"{k}: {v}" for k, v in sorted(answers.items())))
+        banner("the rules that carried it (podnet iptables-save -t nat, this Service's chains)")
+        print(service_rules(lab.backend.dump(), "demo/web:http"))
+        banner("conntrack -L (podnet conntrack -L), the Service's flows")
+        flows = [line for line in lab.conntrack_listing() if f"dst={svc['cluster_ip']} " in line]
+        print("\n".join(flows[:3]) + (f"\n... {len(flows) - 3} more" if len(flows) > 3 else ""))
         banner("what the datapath counted (podnet stats)")
         stats = _jsonable(lab.statistics())
         print(format_stats(stats))

@@ -24,16 +24,24 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from podnet.cluster.endpoints import PodStatus, derive_endpoint_slices
+from podnet.cluster.ipalloc import ServiceIPAllocator, allocate_services
 from podnet.cluster.manifest import Manifests, load_manifests
 from podnet.cluster.model import Container, Pod
+from podnet.core.conntrack import Conntrack
 from podnet.core.datapath import Datapath, NodeMode, PortKind
 from podnet.core.ipam import DiskStore, MemoryStore, Pool
+from podnet.core.packet import ip_int
+from podnet.core.services.base import SyncReport
+from podnet.core.services.registry import backend_class
+from podnet.proxier import proxy_service_ports
 from podnet.linux import names
 from podnet.linux.netns import create_netns, delete_netns, popen_in_netns, run_in_netns
 from podnet.linux.pod import plumb_pod
@@ -59,6 +67,14 @@ class LabConfig:
     state_dir: str | None = None       # journals, logs, IPAM (default /run/podnet or $PODNET_STATE_DIR)
     persist_ipam: bool = True          # host-local's files under <state_dir>/ipam/<node>
     grace_period_s: float | None = None  # overrides each pod's terminationGracePeriodSeconds
+    backend: str = "iptables"          # the Service backend (core.services.registry.BACKENDS)
+    cluster_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
+    node_ip: str = "172.18.0.2"        # the node's own address inside the datapath: masquerade source
+    min_sync_period_s: float = 1.0     # kube-proxy's --iptables-min-sync-period
+    partial_sync: bool = True          # kube-proxy >= 1.28: only changed Services' chains
+    conntrack_max: int = 262144        # nf_conntrack_max
+    seed: int = 0                      # statistic draws, ClusterIP picks: runs are repeatable
 
 
 @dataclass
@@ -129,10 +145,20 @@ class Lab:
     """One node with its pods. Create it with `open_lab`; the attributes are for reading."""
 
     def __init__(self, manifests: Manifests, config: LabConfig, resources: Resources) -> None:
-        self.manifests = manifests
         self.config = config
         self.resources = resources
-        self.datapath = Datapath(mode=config.mode, node_cidr=config.node_cidr)
+        # the API server's part: ClusterIPs (and node ports) for every Service
+        self.manifests = allocate_services(manifests, ServiceIPAllocator(config.service_cidr, seed=config.seed))
+        self.datapath = Datapath(mode=config.mode, node_cidr=config.node_cidr, node_ip=config.node_ip,
+                                 conntrack=Conntrack(config.conntrack_max), seed=config.seed)
+        self.backend = backend_class(config.backend)(
+            cluster_cidr=config.cluster_cidr, node_ips=[config.node_ip],
+            local_addresses=self.datapath.local_addresses, partial_sync=config.partial_sync, seed=config.seed)
+        self.datapath.set_backend(self.backend)
+        self.syncs: list[SyncReport] = []
+        self._endpoints_changed = trio.Event()
+        self._synced_generation = -1
+        self._generation = 0
         self.node = Node(self.datapath)
         self.state_dir = Path(resources.state_dir)
         self.log_dir = self.state_dir / "logs" / f"{os.getpid()}"
@@ -158,6 +184,63 @@ class Lab:
 
     def statistics(self):
         return self.datapath.statistics()
+
+    # ---- Services: the EndpointSlice controller and kube-proxy's sync loop ---------------------
+
+    def endpoint_slices(self):
+        """The EndpointSlices the controller derives now, plus those the manifests give."""
+        status = {key: PodStatus(ip=p.ip, ready=p.ready, node_name=self.config.node_name)
+                  for key, p in self.pods.items()}
+        derived = derive_endpoint_slices(self.manifests.services, self.manifests.pods, status, seed=self.config.seed)
+        return derived + tuple(self.manifests.endpoint_slices)
+
+    def sync_services(self, *, full: bool = False) -> SyncReport:
+        """Program the backend for the Services as they are now. Runs in the datapath's thread,
+        so the datapath waits for it, as packets wait for the xt_lock on a real node."""
+        generation = self._generation
+        started = time.perf_counter()
+        ports = proxy_service_ports(self.manifests.services, self.endpoint_slices(), self.config.node_name)
+        built = time.perf_counter()
+        report = self.backend.sync(ports, full=full)
+        done = time.perf_counter()
+        report = SyncReport(report.full, report.services, report.objects_written, report.objects_total,
+                            build_s=built - started, apply_s=done - built, detail=report.detail)
+        self.syncs.append(report)
+        self._synced_generation = generation
+        log.info("%s sync: %d service ports, %d written, %d total, %.1f ms", "full" if report.full else "partial",
+                 report.services, report.objects_written, report.objects_total, 1000 * (done - started))
+        return report
+
+    def endpoints_changed(self) -> None:
+        self._generation += 1
+        self._endpoints_changed.set()
+
+    async def _proxy_loop(self) -> None:
+        """kube-proxy's loop: sync at once, then at most every min_sync_period_s after changes."""
+        self.sync_services(full=True)
+        while True:
+            await self._endpoints_changed.wait()
+            self._endpoints_changed = trio.Event()
+            await trio.sleep(self.config.min_sync_period_s)
+            self.sync_services(full=False)
+
+    async def wait_synced(self, timeout_s: float = 30.0) -> None:
+        """Until the backend reflects every readiness change seen so far."""
+        with trio.fail_after(timeout_s):
+            while self._synced_generation != self._generation:
+                await trio.sleep(0.02)
+
+    def conntrack_listing(self) -> list[str]:
+        """`conntrack -L` of the node's table, now."""
+        return self.datapath.conntrack.listing(trio.current_time())
+
+    def services_status(self) -> list[dict]:
+        rows = []
+        for svc in self.manifests.services:
+            ports = ",".join(f"{p.port}{'/' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in svc.ports)
+            rows.append({"namespace": svc.namespace, "name": svc.name, "type": svc.type,
+                         "cluster_ip": svc.cluster_ip, "ports": ports})
+        return rows
 
     # ---- bring-up ----------------------------------------------------------------------------
 
@@ -206,12 +289,14 @@ class Lab:
     async def _supervise(self, state: PodState, cs: ContainerState) -> None:
         """Start a container, restart it per restartPolicy, and run its readiness probe."""
         await trio.to_thread.run_sync(self._start_container, state, cs)
+        self.endpoints_changed()
         probe = cs.container.readiness_probe
         next_probe = trio.current_time() + (probe.initial_delay_seconds if probe else 0)
         while not self._stopping:
             code = cs.process.poll() if cs.process else None
             if code is not None:
                 cs.exit_code = code
+                self.endpoints_changed()  # a container that died is not ready
                 policy = state.pod.restart_policy
                 if policy == "Never" or (policy == "OnFailure" and code == 0):
                     return
@@ -223,7 +308,10 @@ class Lab:
                 continue
             if probe is not None and cs.readiness is not None and trio.current_time() >= next_probe:
                 ok, message = await trio.to_thread.run_sync(run_probe, state.netns, state.ip, cs.container, probe)
+                was = state.ready
                 cs.readiness.record(ok, message)
+                if state.ready != was:
+                    self.endpoints_changed()
                 # probe fast until ready so a lab comes up quickly, then at periodSeconds
                 period = probe.period_seconds if cs.readiness.ready else min(probe.period_seconds, 0.2)
                 next_probe = trio.current_time() + period
@@ -320,8 +408,10 @@ async def open_lab(manifests: Manifests | Sequence[str | os.PathLike], config: L
                         cs = ContainerState(container)
                         state.containers.append(cs)
                         nursery.start_soon(lab._supervise, state, cs)
+                nursery.start_soon(lab._proxy_loop)
                 if wait_ready_s is not None:
                     await lab.wait_ready(wait_ready_s)
+                    await lab.wait_synced(wait_ready_s + 2 * config.min_sync_period_s)
                 try:
                     yield lab
                 finally:
