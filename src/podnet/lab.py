@@ -443,6 +443,18 @@ class SyncLab:
     def status(self) -> list[dict]:
         return trio.from_thread.run_sync(self.lab.status, trio_token=self._token)
 
+    def status_services(self) -> list[dict]:
+        return trio.from_thread.run_sync(self.lab.services_status, trio_token=self._token)
+
+    def conntrack_listing(self) -> list[str]:
+        return trio.from_thread.run_sync(self.lab.conntrack_listing, trio_token=self._token)
+
+    def endpoint_slices(self):
+        return trio.from_thread.run_sync(self.lab.endpoint_slices, trio_token=self._token)
+
+    def wait_synced(self, timeout_s: float = 30.0) -> None:
+        trio.from_thread.run(self.lab.wait_synced, timeout_s, trio_token=self._token)
+
 
 @contextlib.contextmanager
 def run_lab(manifests, config: LabConfig | None = None, *, wait_ready_s: float | None = 30.0) -> Iterator[SyncLab]:

@@ -1,0 +1,227 @@
+"""The Service conformance suite: real TCP clients in pods reach ClusterIPs through each backend.
+
+Parametrized over every registered backend (core.services.registry.BACKENDS), so each backend
+added later must pass the same checks, in namespaces, with real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from podnet.cluster.model import (Container, ContainerPort, HTTPGetAction, Manifests, ObjectMeta, Pod,
+                                  Probe)
+from podnet.cluster.service import Service, ServicePort
+from podnet.core.services.registry import BACKENDS
+from podnet.lab import LabConfig, run_lab
+from podnet.linux.netns import popen_in_netns
+
+pytestmark = pytest.mark.root
+
+# An HTTP/1.1 keep-alive server: answers "<pod name> <client address>"; /healthz is 503 while
+# the file <flag dir>/<pod name> exists (how a test makes a pod fail its readiness probe).
+SERVER = """
+import http.server, os, sys
+name, flags = os.environ["HOSTNAME"], sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/healthz":
+            code, body = (503, b"unready") if os.path.exists(os.path.join(flags, name)) else (200, b"ok")
+        else:
+            code, body = 200, f"{name} {self.client_address[0]}".encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+# N new connections to host:80, one request each: {"counts": {pod: n}, "peers": [client addresses seen]}
+CLIENT = """
+import collections, http.client, json, sys
+host, n = sys.argv[1], int(sys.argv[2])
+counts, peers, refused = collections.Counter(), set(), 0
+for _ in range(n):
+    conn = http.client.HTTPConnection(host, 80, timeout=5)
+    try:
+        conn.request("GET", "/")
+        name, peer = conn.getresponse().read().decode().split()
+        counts[name] += 1
+        peers.add(peer)
+    except ConnectionRefusedError:
+        refused += 1
+    finally:
+        conn.close()
+print(json.dumps({"counts": counts, "peers": sorted(peers), "refused": refused}))
+"""
+
+# One kept-alive connection: a request per line read on stdin, each answer printed.
+KEEPALIVE = """
+import http.client, sys
+conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
+for _ in sys.stdin:
+    conn.request("GET", "/")
+    print(conn.getresponse().read().decode(), flush=True)
+"""
+
+
+def _server(name: str, app: str, flags: str) -> Pod:
+    probe = Probe(HTTPGetAction(8080, "/healthz"), period_seconds=1, failure_threshold=1)
+    container = Container("http", command=(sys.executable, "-c", SERVER, flags),
+                          ports=(ContainerPort(8080, "http"),), readiness_probe=probe)
+    return Pod(ObjectMeta(name, "default", {"app": app}), (container,), termination_grace_period_seconds=1)
+
+
+def _service(name: str, app: str, **kw) -> Service:
+    return Service(ObjectMeta(name, "default"), ports=(ServicePort("http", 80, target_port="http"),),
+                   selector={"app": app}, **kw)
+
+
+def topology(flags: str) -> Manifests:
+    client = Pod(ObjectMeta("client", "default", {"app": "client"}),
+                 (Container("shell", command=("sleep", "infinity")),), termination_grace_period_seconds=1)
+    return Manifests.collect([
+        (p, None) for p in (client, *(_server(f"web-{i}", "web", flags) for i in range(3)),
+                            _server("solo", "solo", flags),
+                            _service("web", "web"), _service("sticky", "web", session_affinity="ClientIP"),
+                            _service("empty", "nothing"), _service("solo", "solo"))])
+
+
+@pytest.fixture(scope="module", params=sorted(BACKENDS))
+def lab(request, tmp_path_factory):
+    flags = tmp_path_factory.mktemp("flags")
+    config = LabConfig(prefix="pn-sv", state_dir=str(tmp_path_factory.mktemp("state")),
+                       backend=request.param, min_sync_period_s=0.2)
+    with run_lab(topology(str(flags)), config) as lab:
+        lab.flags = flags
+        yield lab
+
+
+def cluster_ip(lab, name: str) -> str:
+    return next(s["cluster_ip"] for s in lab.status_services() if s["name"] == name)
+
+
+def wait_endpoints_ready(lab, service: str, count: int, timeout_s: float = 15.0) -> None:
+    """Until `count` endpoints of `service` are ready and the backend has synced them (a test before
+    may have made one unready)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready = [ep for s in lab.endpoint_slices() if s.service_name == service for ep in s.endpoints if ep.ready]
+        if len(ready) == count:
+            lab.wait_synced()
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{service} did not get {count} ready endpoints in {timeout_s} s")
+
+
+def connect_many(lab, pod: str, host: str, n: int) -> dict:
+    result = lab.exec(pod, [sys.executable, "-c", CLIENT, host, str(n)], timeout_s=120)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def test_cluster_ip_spreads_300_connections_fairly_and_replies_come_from_it(lab):
+    wait_endpoints_ready(lab, "web", 3)
+    seen = connect_many(lab, "client", cluster_ip(lab, "web"), 300)
+    counts = seen["counts"]
+    assert set(counts) == {"web-0", "web-1", "web-2"} and sum(counts.values()) == 300
+    # chi-square against a uniform 1/3 split, 2 degrees of freedom: 13.82 is the 0.1% point, so
+    # a fair balancer fails this one run in a thousand
+    chi2 = sum((n - 100) ** 2 / 100 for n in counts.values())
+    assert chi2 < 13.82, counts
+    # no masquerade for pod-to-Service traffic: backends saw the client's own address
+    assert seen["peers"] == [lab.pod("client").ip]
+    # and every connection was a DNAT the client never saw: the reply tuple names the backend
+    entries = [line for line in lab.conntrack_listing() if f"dst={cluster_ip(lab, 'web')} " in line]
+    assert len(entries) >= 300
+    assert all(any(f"src={lab.pod(f'web-{i}').ip} " in e for i in range(3)) for e in entries)
+
+
+def test_hairpin_a_backend_reaching_its_own_service_is_masqueraded(lab):
+    seen = connect_many(lab, "solo", cluster_ip(lab, "solo"), 3)
+    assert seen["counts"] == {"solo": 3}
+    # KUBE-SEP's `-s <endpoint> -j KUBE-MARK-MASQ`: the pod sees the node's address, not its own
+    assert seen["peers"] == [lab.config.node_ip]
+
+
+def test_a_service_without_endpoints_is_refused_at_once(lab):
+    seen = connect_many(lab, "client", cluster_ip(lab, "empty"), 3)
+    # REJECT sends an ICMP port unreachable (kube-proxy's default): connect() fails with
+    # ECONNREFUSED, not a 5 s timeout
+    assert seen["refused"] == 3 and seen["counts"] == {}
+    assert lab.statistics().drops.get("service_reject", 0) >= 3
+
+
+def test_session_affinity_client_ip_sticks(lab):
+    seen = connect_many(lab, "client", cluster_ip(lab, "sticky"), 30)
+    assert len(seen["counts"]) == 1 and sum(seen["counts"].values()) == 30
+
+
+def test_unready_backend_leaves_the_endpoints_and_gets_no_new_connections(lab):
+    wait_endpoints_ready(lab, "web", 3)
+    host = cluster_ip(lab, "web")
+    keep = popen_in_netns(lab.pod("client").netns, [sys.executable, "-c", KEEPALIVE, host],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        keep.stdin.write("\n")
+        keep.stdin.flush()
+        victim = keep.stdout.readline().split()[0]
+        (lab.flags / victim).touch()          # its /healthz now answers 503
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            slices = lab.endpoint_slices()
+            ready = {ep.addresses[0]: ep.ready for s in slices if s.service_name == "web" for ep in s.endpoints}
+            if ready.get(lab.pod(victim).ip) is False:
+                break
+            time.sleep(0.1)
+        assert ready[lab.pod(victim).ip] is False     # the controller took it out
+        lab.wait_synced()
+        seen = connect_many(lab, "client", host, 60)
+        assert victim not in seen["counts"] and sum(seen["counts"].values()) == 60
+        # the connection opened before still reaches it (conntrack keeps established flows)
+        keep.stdin.write("\n")
+        keep.stdin.flush()
+        assert keep.stdout.readline().split()[0] == victim
+    finally:
+        (lab.flags / victim).unlink(missing_ok=True)
+        keep.kill()
+        keep.wait()
+
+
+def test_a_trace_agrees_with_the_connections_that_really_happened(lab):
+    import trio
+
+    from podnet.core.packet import ip_int, ip_str
+    from podnet.core.services.iptables import EvalContext, trace_first_packet
+    from podnet.core.services.packetinfo import PacketInfo
+    if lab.backend.name != "iptables":
+        pytest.skip("the rule trace is the iptables backend's")
+    wait_endpoints_ready(lab, "web", 3)
+    client = lab.pod("client").ip
+    for service, expect_single in (("sticky", True), ("web", False)):
+        vip = cluster_ip(lab, service)
+        seen = connect_many(lab, "client", vip, 5)
+
+        def trace():
+            pkt = PacketInfo(ip_int(client), ip_int(vip), 6, 45678, 80)
+            ctx = EvalContext(now=trio.current_time(), local_addresses=lab.datapath.local_addresses)
+            return trace_first_packet(lab.backend.ruleset, pkt, ctx, all_branches=True)
+
+        outcomes = trio.from_thread.run_sync(trace, trio_token=lab._token)
+        backends = {o.destination for o in outcomes}
+        real = {f"{lab.pod(name).ip}:8080" for name in seen["counts"]}
+        if expect_single:
+            # the recent list pins the client: the trace predicts exactly the backend it got
+            assert backends == real and len(outcomes) == 1
+        else:
+            assert real <= backends and len(backends) == 3
+            assert abs(sum(o.probability for o in outcomes) - 1.0) < 1e-9
+        assert all(o.verdict == "DNAT" and not o.masquerade for o in outcomes)
+        assert {ip_str(ip_int(d.split(":")[0])) for d in backends} <= {lab.pod(f"web-{i}").ip for i in range(3)}
