@@ -2,8 +2,12 @@
 
     podnet up -f pods.yaml [-d]        bring pods up (foreground until Ctrl-C, or -d in the background)
     podnet status [-o json]            pods with IP, node, phase and readiness (kubectl get pods -o wide)
+    podnet status --services [-o json] Services with their ClusterIPs (kubectl get services -A)
     podnet exec [-n NS] POD -- CMD...  run a command inside a pod; its output and exit code are yours
     podnet stats [-o json]             what the datapath counted
+    podnet iptables-save [-f FILE]     kube-proxy's rules (live, or offline for manifests): see cli_services
+    podnet iptables -L | trace ...     list them as iptables does; trace a packet through them
+    podnet conntrack -L | -S | -C      the datapath's conntrack table as conntrack-tools prints it
     podnet down                        stop the running lab and remove everything it made
     podnet clean                       remove what a killed podnet run left behind
 
@@ -22,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from podnet import cli_services
 from podnet.control import ControlError, request, socket_path
 from podnet.errors import PodnetError
 
@@ -42,6 +47,13 @@ def format_pods(pods: list[dict]) -> str:
     return _table(rows)
 
 
+def format_services(services: list[dict]) -> str:
+    rows = [["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)"]]
+    rows += [[s["namespace"], s["name"], s["type"], s["cluster_ip"] or "None", s["ports"] or "<none>"]
+             for s in services]
+    return _table(rows)
+
+
 def format_stats(stats: dict) -> str:
     rows = [["PORT", "KIND", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES"]]
     rows += [[p["name"], p["kind"], p["rx_packets"], p["rx_bytes"], p["tx_packets"], p["tx_bytes"]] for p in stats["ports"]]
@@ -57,10 +69,7 @@ def format_stats(stats: dict) -> str:
 # ---- up ---------------------------------------------------------------------------------------
 
 def _lab_config(args):
-    from podnet.core.datapath import NodeMode
-    from podnet.lab import LabConfig
-    return LabConfig(node_cidr=args.node_cidr, prefix=args.prefix, offloads=args.offloads,
-                     mode=NodeMode(args.mode), state_dir=_state_dir(args))
+    return cli_services.node_config(args, prefix=args.prefix, offloads=args.offloads, state_dir=_state_dir(args))
 
 
 def _lab_running(state_dir: str) -> dict | None:
@@ -120,7 +129,7 @@ def _up_detached(args, state_dir: str) -> int:
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(state_dir) / "lab.log"
     argv = [sys.executable, "-m", "podnet.cli", "--state-dir", state_dir, "up", "--daemon-child",
-            "--node-cidr", args.node_cidr, "--prefix", args.prefix, "--mode", args.mode, "--timeout", str(args.timeout)]
+            "--prefix", args.prefix, "--timeout", str(args.timeout), *cli_services.node_argv(args)]
     argv += [] if args.offloads else ["--no-offloads"]
     for f in args.file:
         argv += ["-f", str(Path(f).resolve())]
@@ -147,6 +156,10 @@ def _up_detached(args, state_dir: str) -> int:
 # ---- the other commands -----------------------------------------------------------------------
 
 def cmd_status(args) -> int:
+    if args.services:
+        services = request(_state_dir(args), "services")["services"]
+        print(json.dumps(services, indent=2) if args.output == "json" else format_services(services))
+        return 0
     pods = request(_state_dir(args), "status")["pods"]
     print(json.dumps(pods, indent=2) if args.output == "json" else format_pods(pods))
     return 0
@@ -220,11 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="bring pods up from manifests")
     up.add_argument("-f", "--file", action="append", required=True, help="manifest file (repeatable)")
     up.add_argument("-d", "--detach", action="store_true", help="run the lab in the background")
-    up.add_argument("--node-cidr", default="10.244.0.0/24")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help="name prefix of namespaces and devices")
-    up.add_argument("--mode", choices=["routed", "bridge"], default="routed",
-                    help="routed: Calico-style /32 pods behind a proxy-ARP gateway (default); "
-                         "bridge: kubenet cbr0-style /24 pods on a learning bridge")
+    cli_services.add_node_options(up)
     up.add_argument("--no-offloads", dest="offloads", action="store_false", help="TAPs without TSO/checksum offload")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for pods to become ready")
     up.add_argument("--daemon-child", action="store_true", help=argparse.SUPPRESS)
@@ -234,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("-o", "--output", choices=["wide", "json"], default="wide")
         p.set_defaults(func=func)
+        if name == "status":
+            p.add_argument("--services", action="store_true", help="list Services and their ClusterIPs instead")
 
     ex = sub.add_parser("exec", help="run a command inside a pod")
     ex.add_argument("-n", "--namespace")
@@ -245,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("clean", help="remove what a killed run left behind")
     cl.add_argument("--prefix", default=DEFAULT_PREFIX)
     cl.set_defaults(func=cmd_clean)
+    cli_services.register(sub)
     return parser
 
 

@@ -7,6 +7,22 @@ Layer: lab. `podnet up` (in the foreground or with -d) serves it at `<state_dir>
     {"op": "status"}   -> {"ok": true, "pods": [{"namespace", "name", "ip", "node", "phase", ...}]}
     {"op": "stats"}    -> {"ok": true, "stats": {...DatapathStatistics...}}
     {"op": "down"}     -> {"ok": true}            (the lab then tears down and exits)
+    {"op": "services"} -> {"ok": true, "services": [{"namespace", "name", "type", "cluster_ip", "ports"}]}
+
+The Service inspection ops answer like the tool they stand for: what it would print on stdout and
+stderr, and its exit status (an unknown chain is not a failed request):
+
+    {"op": "iptables-save", "table": null, "counters": false}
+        -> {"ok": true, "stdout": "...", "stderr": "", "exit": 0}
+    {"op": "iptables-list", "table": "nat", "chain": null, "numeric": true, "verbose": false,
+     "exact": false, "line_numbers": false}            -> the same shape
+    {"op": "conntrack", "what": "L" | "S" | "C"}     -> {"ok": true, "lines": [...]}
+    {"op": "trace", "src", "sport", "proto", "dst", "dport", "all_branches", "local_ips": null}
+        -> {"ok": true, "outcomes": [...outcomes_json...], "rules": {"nat/KUBE-SVC-X:2": "-m ..."}}
+
+`local_ips` null means the lab's own addresses (the datapath's gateway and node IP). A trace reads
+the live rules and a copy of the backend's random generator: it changes nothing, and without
+all_branches it shows the pick the next new connection would get if nothing else came first.
 
 Errors come back as {"ok": false, "error": "..."}; the server never dies of a bad request.
 """
@@ -16,10 +32,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import socket
+import time
 from pathlib import Path
 
 import trio
+
+from podnet import inspection
+from podnet.core.conntrack_format import format_conntrack_C, format_conntrack_S
+from podnet.core.services.iptables import outcomes_json
+from podnet.errors import PodnetError
 
 SOCKET_NAME = "control.sock"
 _MAX_REQUEST = 64 * 1024
@@ -61,7 +84,61 @@ class ControlServer:
         if op == "down":
             self.stop.set()
             return {"ok": True}
+        if op == "services":
+            return {"ok": True, "services": self.lab.services_status()}
+        if op in ("iptables-save", "iptables-list"):
+            return self._tool(op, request)
+        if op == "conntrack":
+            return self._conntrack(request.get("what", "L"))
+        if op == "trace":
+            return self._trace(request)
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+    # ---- Service inspection ------------------------------------------------------------------
+
+    def _ruleset(self):
+        ruleset = getattr(self.lab.backend, "ruleset", None)
+        if ruleset is None:
+            raise inspection.ToolError(f"the {self.lab.backend.name} backend has no iptables rules")
+        return ruleset
+
+    def _tool(self, op: str, request: dict) -> dict:
+        try:
+            if op == "iptables-save":
+                text = inspection.save_rules(self._ruleset(), request.get("table"),
+                                             counters=bool(request.get("counters")), header=time.ctime())
+            else:
+                text = inspection.list_rules(
+                    self._ruleset(), request.get("table") or "filter", request.get("chain"),
+                    numeric=bool(request.get("numeric")), verbose=bool(request.get("verbose")),
+                    exact=bool(request.get("exact")), line_numbers=bool(request.get("line_numbers")))
+        except inspection.ToolError as exc:
+            return {"ok": True, "stdout": "", "stderr": str(exc), "exit": exc.exit_code}
+        return {"ok": True, "stdout": text, "stderr": "", "exit": 0}
+
+    def _conntrack(self, what: str) -> dict:
+        table = self.lab.datapath.conntrack
+        if what == "L":
+            lines = self.lab.conntrack_listing()
+        elif what == "S":
+            lines = [format_conntrack_S(table.statistics())]
+        elif what == "C":
+            lines = [format_conntrack_C(table)]
+        else:
+            return {"ok": False, "error": f"conntrack: unknown command {what!r} (L, S or C)"}
+        return {"ok": True, "lines": lines}
+
+    def _trace(self, request: dict) -> dict:
+        ruleset = self._ruleset()
+        rng = random.Random()
+        rng.setstate(self.lab.backend.rng.getstate())   # a copy: the trace draws, the lab does not
+        local = request.get("local_ips")
+        outcomes = inspection.trace_connection(
+            ruleset, src=request["src"], dst=request["dst"], proto=request.get("proto", "tcp"),
+            sport=request.get("sport", inspection.DEFAULT_SPORT), dport=request.get("dport", 0),
+            local_addresses=self.lab.datapath.local_addresses if local is None else local,
+            all_branches=bool(request.get("all_branches")), rng=rng, now=trio.current_time())
+        return {"ok": True, **outcomes_json(outcomes), "rules": inspection.path_rules(ruleset, outcomes)}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +174,8 @@ class ControlServer:
                 reply = self.answer(json.loads(data.decode() or "{}"))
             except (ValueError, UnicodeDecodeError) as exc:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
+            except PodnetError as exc:  # what was asked cannot be done (a bad address, ...)
+                reply = {"ok": False, "error": str(exc)}
             except Exception as exc:  # a bug in one answer must not take the lab down
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             payload = (json.dumps(reply) + "\n").encode()

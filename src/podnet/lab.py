@@ -237,7 +237,7 @@ class Lab:
     def services_status(self) -> list[dict]:
         rows = []
         for svc in self.manifests.services:
-            ports = ",".join(f"{p.port}{'/' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in svc.ports)
+            ports = ",".join(f"{p.port}{':' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in svc.ports)  # kubectl's PORT(S)
             rows.append({"namespace": svc.namespace, "name": svc.name, "type": svc.type,
                          "cluster_ip": svc.cluster_ip, "ports": ports})
         return rows
