@@ -78,7 +78,7 @@ async def main(manifests: list[str], config: LabConfig | None = None) -> dict:
         print("\n".join(flows[:3]) + (f"\n... {len(flows) - 3} more" if len(flows) > 3 else ""))
         banner("what the datapath counted (podnet stats)")
         stats = _jsonable(lab.statistics())
-        print(format_stats(stats))
+        print(format_stats(stats, lab.sync_summary()))
         seen["stats"] = stats
         banner("tearing down")
     print("all namespaces, TAPs and processes removed")

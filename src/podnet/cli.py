@@ -54,7 +54,7 @@ def format_services(services: list[dict]) -> str:
     return _table(rows)
 
 
-def format_stats(stats: dict) -> str:
+def format_stats(stats: dict, sync: dict | None = None) -> str:
     rows = [["PORT", "KIND", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES"]]
     rows += [[p["name"], p["kind"], p["rx_packets"], p["rx_bytes"], p["tx_packets"], p["tx_bytes"]] for p in stats["ports"]]
     out = [_table(rows), ""]
@@ -63,6 +63,13 @@ def format_stats(stats: dict) -> str:
                f"icmp sent {stats['icmp_sent']}")
     drops = stats["drops"]
     out.append("drops: " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) if drops else "none"))
+    if stats.get("decisions"):
+        out.append(f"service decisions {stats['decisions']} (cost {stats['decision_cost'] / stats['decisions']:.1f} "
+                   f"per decision), conntrack entries {stats['conntrack_entries']}")
+    if sync:
+        out.append(f"{sync['backend']} syncs: {sync['full_syncs']} full, {sync['partial_syncs']} partial; "
+                   f"{sync['objects_total']} rules; last took {sync['last_sync_ms']} ms, the datapath waited "
+                   f"{sync['last_wait_ms']} ms (at most {sync['max_wait_ms']} ms)")
     return "\n".join(out)
 
 
@@ -166,8 +173,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    stats = request(_state_dir(args), "stats")["stats"]
-    print(json.dumps(stats, indent=2) if args.output == "json" else format_stats(stats))
+    reply = request(_state_dir(args), "stats")
+    stats, sync = reply["stats"], reply.get("sync")
+    print(json.dumps({**stats, "sync": sync}, indent=2) if args.output == "json" else format_stats(stats, sync))
     return 0
 
 

@@ -80,7 +80,7 @@ class ControlServer:
         if op == "status":
             return {"ok": True, "pods": self.lab.status()}
         if op == "stats":
-            return {"ok": True, "stats": _jsonable(self.lab.statistics())}
+            return {"ok": True, "stats": _jsonable(self.lab.statistics()), "sync": self.lab.sync_summary()}
         if op == "down":
             self.stop.set()
             return {"ok": True}

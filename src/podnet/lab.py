@@ -230,6 +230,18 @@ class Lab:
             while self._synced_generation != self._generation:
                 await trio.sleep(0.02)
 
+    def sync_summary(self) -> dict:
+        """kube-proxy's sync metrics, as podnet keeps them: how many syncs of each kind, and how
+        long the datapath waited for the last one and at most (sync_proxy_rules_duration_seconds)."""
+        full = [r for r in self.syncs if r.full]
+        partial = [r for r in self.syncs if not r.full]
+        last = self.syncs[-1] if self.syncs else None
+        return {"backend": self.backend.name, "full_syncs": len(full), "partial_syncs": len(partial),
+                "objects_total": last.objects_total if last else 0,
+                "last_sync_ms": round(1000 * (last.build_s + last.apply_s), 3) if last else None,
+                "last_wait_ms": round(1000 * last.apply_s, 3) if last else None,
+                "max_wait_ms": round(1000 * max((r.apply_s for r in self.syncs), default=0.0), 3)}
+
     def conntrack_listing(self) -> list[str]:
         """`conntrack -L` of the node's table, now."""
         return self.datapath.conntrack.listing(trio.current_time())

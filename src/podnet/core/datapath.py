@@ -130,6 +130,10 @@ class DatapathStatistics:
     flow_table_full: int
     arp_replies: int
     icmp_sent: int
+    decisions: int = 0          # NEW flows the Service backend decided
+    decision_cost: int = 0      # what deciding them cost, in the backend's unit (rules walked)
+    resets_sent: int = 0        # REJECT --reject-with tcp-reset
+    conntrack_entries: int = 0
 
     @property
     def dropped(self) -> int:
@@ -694,7 +698,8 @@ class Datapath:
         ports = tuple(PortStatistics(p.name, p.kind.value, rx[p.id], rx_bytes[p.id], tx[p.id], tx_bytes[p.id])
                       for p in self._ports.values())
         return DatapathStatistics(ports, dict(c.drops), dict(c.stages), fast, c.slow, len(self._flows),
-                                  c.flows_installed, c.flow_table_full, c.arp_replies, c.icmp_sent)
+                                  c.flows_installed, c.flow_table_full, c.arp_replies, c.icmp_sent,
+                                  c.decisions, c.decision_cost, c.resets_sent, len(self.conntrack))
 
 
 def _ct_key(frame, info: pk.IPv4Info) -> tuple | None:
