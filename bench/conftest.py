@@ -3,11 +3,14 @@
 Tests record what they measured in `report` (a `Report` kept in the pytest config's stash, so
 there is no module-level state); `pytest_terminal_summary` prints it after pytest-benchmark's own
 tables: each stream's Gbit/s, podnet's share of the raw forwarder's throughput with offloads on and
-off, and the datapath's per-frame costs net of the frame reset the benchmarks need.
+off, the datapath's per-frame costs net of the frame reset the benchmarks need, and per Service
+backend what deciding a NEW connection and syncing one endpoint change cost as Services grow, with
+a least-squares line through the decide-miss times and the published kernel iptables numbers beside.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ class Report:
     seconds: float = 0.0
     streams: dict[str, dict] = field(default_factory=dict)       # case -> extra_info of its benchmark
     per_frame_ns: dict[str, float] = field(default_factory=dict)  # benchmark name -> mean ns per call
+    # (backend, number of Services) -> decide_<case>_us, cost_<case>, <mode>_sync_ms, written_<mode>, ...
+    services: dict[tuple[str, int], dict] = field(default_factory=dict)
 
 
 REPORT = pytest.StashKey[Report]()
@@ -106,10 +111,102 @@ def _frame_lines(report: Report) -> list[str]:
     return lines
 
 
+# Published kernel numbers, not measured here: kube-proxy iptables mode, first-packet latency p50 in ms
+# by number of Services (kubernetes.io/blog/2025/02/28/nftables-kube-proxy/, read off the chart;
+# /work/shared/reference/performance.md section 1a).
+KERNEL_IPTABLES_P50_MS = {5000: 0.047, 10000: 0.062, 30000: 0.272}
+LINEAR_R2 = 0.99   # a least-squares line through the sizes explains at least this much: "linear"
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """Least-squares line y = a + b x: (a, b, R²); None with fewer than two distinct x."""
+    n = len(points)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for _, y in points)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in points)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot else math.nan
+    return a, b, r2
+
+
+def _linear(r2: float) -> str:
+    if math.isnan(r2):
+        return "flat (the same at every size)"
+    return "linear" if r2 >= LINEAR_R2 else "NOT linear"
+
+
+def _cell(value, fmt: str, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+
+
+def _service_lines(report: Report) -> list[str]:
+    backends = sorted({backend for backend, _ in report.services})
+    lines = ["Services: deciding the first packet of a NEW connection (mean us per decide; ClusterIP",
+             "Services with 5 endpoints each; 'rules' is Decision.cost, the backend's unit of work)", ""]
+    for backend in backends:
+        rows = sorted((n, row) for (b, n), row in report.services.items() if b == backend)
+        lines.append(f"  {backend}")
+        lines.append(f"    {'Services':>8}{'decide first':>14}{'decide last':>13}{'decide random':>15}"
+                     f"{'decide miss (us)':>18}{'rules examined (miss)':>23}{'us/rule (miss)':>16}")
+        for n, row in rows:
+            miss, cost = row.get("decide_miss_us"), row.get("cost_miss")
+            per_rule = miss / cost if miss is not None and cost else None
+            lines.append(f"    {n:>8,}{_cell(row.get('decide_first_us'), ',.1f', 14)}"
+                         f"{_cell(row.get('decide_last_us'), ',.1f', 13)}"
+                         f"{_cell(row.get('decide_random_us'), ',.1f', 15)}"
+                         f"{_cell(miss, ',.1f', 18)}{_cell(cost, ',', 23)}{_cell(per_rule, '.3f', 16)}")
+        points = [(n, row["decide_miss_us"]) for n, row in rows if "decide_miss_us" in row]
+        fit = _fit(points)
+        if fit is not None:
+            a, b, r2 = fit
+            lines.append(f"    decide miss against Services, least-squares line over {len(points)} sizes "
+                         f"(linear: R² >= {LINEAR_R2})")
+            lines.append(f"      time : {b * 1000:>9,.1f} us per 1,000 Services (intercept {a:,.1f} us), "
+                         f"R² = {r2:.4f}: {_linear(r2)}")
+            rule_fit = _fit([(n, row["cost_miss"]) for n, row in rows if "cost_miss" in row])
+            if rule_fit is not None:
+                lines.append(f"      rules: {rule_fit[1] * 1000:>9,.1f} per 1,000 Services "
+                             f"(intercept {rule_fit[0]:,.1f}), R² = {rule_fit[2]:.4f}: {_linear(rule_fit[2])}")
+            if backend == "iptables":
+                fitted = ", ".join(f"{n:,}: {(a + b * n) / 1000:.3f} ms" for n in KERNEL_IPTABLES_P50_MS)
+                lines.append(f"      the time line at {fitted}")
+        lines.append("")
+    lines += ["  Published numbers for the KERNEL, not measured here: kube-proxy iptables mode, first-packet",
+              "  latency p50 (kubernetes.io nftables blog 2025, performance.md 1a; an end-to-end reply time,",
+              "  not only the rule walk): " + ", ".join(f"{n:,} Services ~{ms:.3f} ms"
+                                                        for n, ms in KERNEL_IPTABLES_P50_MS.items()), ""]
+
+    lines += ["Services: one endpoint change, the sync's wall time (the datapath waits for it; mean ms)", ""]
+    for backend in backends:
+        rows = sorted((n, row) for (b, n), row in report.services.items() if b == backend)
+        lines.append(f"  {backend}")
+        lines.append(f"    {'Services':>8}{'initial sync (ms)':>19}{'full sync (ms)':>16}{'partial sync (ms)':>19}"
+                     f"{'rules written partial':>23}{'rules written full':>20}{'rules total':>13}"
+                     f"{'payload partial':>17}")
+        for n, row in rows:
+            lines.append(f"    {n:>8,}{_cell(row.get('initial_sync_ms'), ',.1f', 19)}"
+                         f"{_cell(row.get('full_sync_ms'), ',.1f', 16)}{_cell(row.get('partial_sync_ms'), ',.1f', 19)}"
+                         f"{_cell(row.get('written_partial'), ',', 23)}{_cell(row.get('written_full'), ',', 20)}"
+                         f"{_cell(row.get('rules_total'), ',', 13)}{_cell(row.get('payload_partial'), ',', 17)}")
+        lines.append("")
+    sizes = sorted({n for _, n in report.services})
+    if 50000 not in sizes:
+        lines.append(f"  (sizes measured: {', '.join(f'{n:,}' for n in sizes)}; "
+                     "set PODNET_BENCH_SERVICE_SIZES to choose, e.g. 100,1000,10000,50000)")
+    return lines
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     report = config.stash.get(REPORT, None)
-    if report is None or not (report.streams or report.per_frame_ns):
+    if report is None or not (report.streams or report.per_frame_ns or report.services):
         return
     terminalreporter.section("podnet benchmark summary")
     if report.streams:
@@ -118,4 +215,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line("")
     if report.per_frame_ns:
         for line in _frame_lines(report):
+            terminalreporter.write_line(line)
+    if report.services:
+        if report.per_frame_ns:
+            terminalreporter.write_line("")
+        for line in _service_lines(report):
             terminalreporter.write_line(line)
