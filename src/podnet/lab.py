@@ -19,6 +19,7 @@ inside the pod's network namespace. `run_lab` is the same for synchronous script
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ from podnet.core.packet import ip_int
 from podnet.core.services.base import SyncReport
 from podnet.core.services.registry import backend_class
 from podnet.proxier import proxy_service_ports
+from podnet.errors import ConfigError
 from podnet.linux import names
 from podnet.linux.netns import create_netns, delete_netns, popen_in_netns, run_in_netns
 from podnet.linux.pod import plumb_pod
@@ -71,10 +73,23 @@ class LabConfig:
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
     node_ip: str = "172.18.0.2"        # the node's own address inside the datapath: masquerade source
+    uplink_cidr: str = "172.18.0.0/24"  # the node's uplink: the node holds node_ip, an external client .1
+    uplink: bool = True                # bring up the external-client namespace on the uplink
     min_sync_period_s: float = 1.0     # kube-proxy's --iptables-min-sync-period
     partial_sync: bool = True          # kube-proxy >= 1.28: only changed Services' chains
     conntrack_max: int = 262144        # nf_conntrack_max
     seed: int = 0                      # statistic draws, ClusterIP picks: runs are repeatable
+
+
+@dataclass(frozen=True)
+class ExternalClient:
+    """A host outside the cluster on the node's uplink: where NodePort and LoadBalancer traffic
+    comes from. Its eth0 is a TAP whose other end the datapath holds, like a pod's."""
+
+    netns: str
+    ip: str
+    mac: str
+    port_id: int
 
 
 @dataclass
@@ -165,6 +180,7 @@ class Lab:
         store = (DiskStore(self.state_dir / "ipam", config.node_name) if config.persist_ipam else MemoryStore())
         self.ipam = Pool(config.node_cidr, name=config.node_name, store=store)
         self.pods: dict[str, PodState] = {}
+        self.external: ExternalClient | None = None
         self._taps: list[Tap] = []
         self._stopping = False
 
@@ -203,6 +219,10 @@ class Lab:
         built = time.perf_counter()
         report = self.backend.sync(ports, full=full)
         done = time.perf_counter()
+        # like MetalLB's L2 mode, the node answers ARP on its uplink for the LoadBalancer and
+        # external IPs it serves, besides its own address
+        self.datapath.uplink_arp.addresses = {ip_int(self.config.node_ip)} | {
+            ip_int(ip) for p in ports for ip in (*p.load_balancer_ips, *p.external_ips)}
         report = SyncReport(report.full, report.services, report.objects_written, report.objects_total,
                             build_s=built - started, apply_s=done - built, detail=report.detail)
         self.syncs.append(report)
@@ -273,6 +293,37 @@ class Lab:
         else:
             mac = plumb_pod(tap, netns, str(allocation.ip))
         return PodState(pod, netns, str(allocation.ip), mac, 0, tap)
+
+    def _plumb_uplink(self) -> tuple[str, str, str]:
+        """The uplink: an external-client namespace with the first address of the uplink CIDR and a
+        default route via the node's address, on a TAP the datapath holds (blocking: a thread)."""
+        netns = names.netns_name("external", self.config.prefix)
+        net = ipaddress.IPv4Network(self.config.uplink_cidr)
+        if ipaddress.IPv4Address(self.config.node_ip) not in net:
+            raise ConfigError(f"LabConfig.node_ip {self.config.node_ip} is not in uplink_cidr {net}")
+        client_ip = str(net.network_address + 1)
+        self.resources.record_netns(netns)
+        create_netns(netns)
+        tap = open_tap(names.tap_name("uplink", self.config.prefix), vnet_hdr=self.config.vnet_hdr,
+                       offloads=self.config.offloads)
+        self._taps.append(tap)
+        mac = plumb_pod(tap, netns, client_ip, gateway=self.config.node_ip, prefixlen=net.prefixlen)
+        return netns, client_ip, mac, tap
+
+    async def _add_uplink(self) -> ExternalClient:
+        netns, client_ip, mac, tap = await trio.to_thread.run_sync(self._plumb_uplink)
+        port_id = self.datapath.add_port("uplink", PortKind.UPLINK, mac, client_ip)
+        self.datapath.add_route(self.config.uplink_cidr, port_id)
+        self.node.attach(port_id, FdPort(tap.fd, vnet_hdr=tap.vnet_hdr, name="uplink"))
+        self.external = ExternalClient(netns, client_ip, mac, port_id)
+        return self.external
+
+    async def exec_external(self, argv: Sequence[str], *, timeout_s: float = 60.0,
+                            input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run a command on the external client (outside the cluster, on the uplink)."""
+        if self.external is None:
+            raise ConfigError("LabConfig.uplink: this lab has no uplink")
+        return await trio.to_thread.run_sync(exec_in_pod, self.external.netns, list(argv), timeout_s, input)
 
     async def _add_pod(self, pod: Pod) -> PodState:
         state = await trio.to_thread.run_sync(self._plumb, pod)
@@ -377,6 +428,8 @@ class Lab:
         """Stop containers, remove namespaces and TAPs. Idempotent; used on every exit path."""
         self._stopping = True
         self._stop_containers()
+        if self.external is not None:
+            delete_netns(self.external.netns)
         for state in self.pods.values():
             delete_netns(state.netns)
             # CNI DEL: a deleted pod's address goes back to the pool (a crash keeps it, see clean)
@@ -413,6 +466,8 @@ async def open_lab(manifests: Manifests | Sequence[str | os.PathLike], config: L
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(lab.node.serve)
+                if config.uplink:
+                    await lab._add_uplink()
                 for pod in manifests.pods:
                     await lab._add_pod(pod)
                 for state in lab.pods.values():
@@ -448,6 +503,9 @@ class SyncLab:
 
     def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         return trio.from_thread.run(lambda: self.lab.exec(pod, argv, **kw), trio_token=self._token)
+
+    def exec_external(self, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        return trio.from_thread.run(lambda: self.lab.exec_external(argv, **kw), trio_token=self._token)
 
     def statistics(self):
         return trio.from_thread.run_sync(self.lab.statistics, trio_token=self._token)

@@ -73,7 +73,9 @@ for _ in sys.stdin:
 
 
 def _server(name: str, app: str, flags: str) -> Pod:
-    probe = Probe(HTTPGetAction(8080, "/healthz"), period_seconds=1, failure_threshold=1)
+    # a probe that times out under the fairness test's load would flip the pod for a second: give
+    # it 3 s, and two failures in a row before the pod counts as unready
+    probe = Probe(HTTPGetAction(8080, "/healthz"), period_seconds=1, timeout_seconds=3, failure_threshold=2)
     container = Container("http", command=(sys.executable, "-c", SERVER, flags),
                           ports=(ContainerPort(8080, "http"),), readiness_probe=probe)
     return Pod(ObjectMeta(name, "default", {"app": app}), (container,), termination_grace_period_seconds=1)
@@ -84,6 +86,15 @@ def _service(name: str, app: str, **kw) -> Service:
                    selector={"app": app}, **kw)
 
 
+LB_IP, LB_CLOSED_IP = "172.18.0.100", "172.18.0.101"  # on the uplink: the node answers ARP for them
+
+
+def _external(name: str, node_port: int, **kw) -> Service:
+    return Service(ObjectMeta(name, "default"),
+                   ports=(ServicePort("http", 80, target_port="http", node_port=node_port),),
+                   selector={"app": "web"}, **kw)
+
+
 def topology(flags: str) -> Manifests:
     client = Pod(ObjectMeta("client", "default", {"app": "client"}),
                  (Container("shell", command=("sleep", "infinity")),), termination_grace_period_seconds=1)
@@ -91,7 +102,12 @@ def topology(flags: str) -> Manifests:
         (p, None) for p in (client, *(_server(f"web-{i}", "web", flags) for i in range(3)),
                             _server("solo", "solo", flags),
                             _service("web", "web"), _service("sticky", "web", session_affinity="ClientIP"),
-                            _service("empty", "nothing"), _service("solo", "solo"))])
+                            _service("empty", "nothing"), _service("solo", "solo"),
+                            _external("np", 30080, type="NodePort"),
+                            _external("np-local", 30081, type="NodePort", external_traffic_policy="Local"),
+                            _external("lb", 30082, type="LoadBalancer", load_balancer_ingress=(LB_IP,)),
+                            _external("lb-closed", 30083, type="LoadBalancer", load_balancer_ingress=(LB_CLOSED_IP,),
+                                      load_balancer_source_ranges=("10.0.0.0/8",)))])
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))
@@ -160,6 +176,7 @@ def test_a_service_without_endpoints_is_refused_at_once(lab):
 
 
 def test_session_affinity_client_ip_sticks(lab):
+    wait_endpoints_ready(lab, "web", 3)
     seen = connect_many(lab, "client", cluster_ip(lab, "sticky"), 30)
     assert len(seen["counts"]) == 1 and sum(seen["counts"].values()) == 30
 
@@ -225,3 +242,38 @@ def test_a_trace_agrees_with_the_connections_that_really_happened(lab):
             assert abs(sum(o.probability for o in outcomes) - 1.0) < 1e-9
         assert all(o.verdict == "DNAT" and not o.masquerade for o in outcomes)
         assert {ip_str(ip_int(d.split(":")[0])) for d in backends} <= {lab.pod(f"web-{i}").ip for i in range(3)}
+
+
+# From the external client: N connections to host:port, the same report as CLIENT
+EXTERNAL = CLIENT.replace("HTTPConnection(host, 80, timeout=5)", "HTTPConnection(host, int(sys.argv[3]), timeout=2)").replace(
+    "    except ConnectionRefusedError:\n        refused += 1", "    except (ConnectionRefusedError, TimeoutError):\n        refused += 1")
+
+
+def connect_external(lab, host: str, port: int, n: int) -> dict:
+    result = lab.exec_external([sys.executable, "-c", EXTERNAL, host, str(n), str(port)], timeout_s=120)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("target, port", [("node", 30080), ("lb", 80)])
+def test_an_external_client_reaches_nodeport_and_loadbalancer_masqueraded(lab, target, port):
+    wait_endpoints_ready(lab, "web", 3)
+    host = lab.config.node_ip if target == "node" else LB_IP
+    seen = connect_external(lab, host, port, 30)
+    assert sum(seen["counts"].values()) == 30 and set(seen["counts"]) <= {"web-0", "web-1", "web-2"}
+    # externalTrafficPolicy Cluster: the backend sees the node's address, not the client's
+    assert seen["peers"] == [lab.config.node_ip]
+
+
+def test_external_traffic_policy_local_keeps_the_client_address(lab):
+    wait_endpoints_ready(lab, "web", 3)
+    seen = connect_external(lab, lab.config.node_ip, 30081, 10)
+    assert sum(seen["counts"].values()) == 10
+    assert seen["peers"] == [lab.external.ip]
+
+
+def test_load_balancer_source_ranges_are_enforced(lab):
+    wait_endpoints_ready(lab, "web", 3)
+    seen = connect_external(lab, LB_CLOSED_IP, 80, 2)
+    assert seen["counts"] == {} and seen["refused"] == 2   # dropped: the client times out
+    assert sum(connect_external(lab, LB_IP, 80, 2)["counts"].values()) == 2   # the open one still works

@@ -217,6 +217,7 @@ class Datapath:
         self.node_ip = pk.ip_int(node_ip) if node_ip else None
         if self.node_ip is not None:
             self.routes.add(f"{node_ip}/32", 0, kind="local")
+        self.uplink_arp = ProxyArp(self.gateway_mac, {self.node_ip} if self.node_ip is not None else set())
         self.backend = backend
         self.conntrack = conntrack if conntrack is not None else Conntrack()
         self.conntrack.on_destroy = self._ct_destroyed
@@ -382,11 +383,13 @@ class Datapath:
         if isinstance(arp, DropReason):
             return [self._drop(ctx, arp, port.id, "arp")]
         who = f"who-has {pk.ip_str(arp.tpa)} tell {pk.ip_str(arp.spa)}"
-        if self.arp.answers(arp):
-            ctx.step("arp", "reply", f"{who}: {pk.ip_str(arp.tpa)} is-at {pk.mac_str(self.arp.mac)}")
+        # pods ask for the gateway; the uplink's neighbours ask for the node's own address
+        responder = self.arp if port.kind is PortKind.POD else self.uplink_arp
+        if responder.answers(arp):
+            ctx.step("arp", "reply", f"{who}: {pk.ip_str(arp.tpa)} is-at {pk.mac_str(responder.mac)}")
             if ctx.commit:
                 self._c.arp_replies += 1
-            return [self._emit(ctx, port.id, pk.build_arp_reply(self.arp.mac, arp.tpa, arp))]
+            return [self._emit(ctx, port.id, pk.build_arp_reply(responder.mac, arp.tpa, arp))]
         if self.bridge is not None and port.kind is PortKind.POD and dst_mac != self.gateway_mac:
             return self._switch(frame, port, dst_mac, vnet, ctx)
         return [self._drop(ctx, DropReason.ARP_NOT_PROXIED, port.id, "arp", who)]
