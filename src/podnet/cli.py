@@ -203,6 +203,17 @@ def cmd_exec(args) -> int:
     return done.returncode
 
 
+def cmd_backend(args) -> int:
+    if args.action == "set":
+        reply = request(_state_dir(args), "backend", set=args.name, timeout_s=300)
+        sync = reply["sync"]
+        print(f"podnet: Service backend is now {reply['backend']} ({sync['objects_total']} entries programmed "
+              f"in {1000 * (sync['build_s'] + sync['apply_s']):.1f} ms)")
+    else:
+        print(request(_state_dir(args), "backend")["backend"])
+    return 0
+
+
 def cmd_down(args) -> int:
     state_dir = _state_dir(args)
     running = _lab_running(state_dir)
@@ -262,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_exec)
 
     sub.add_parser("down", help="stop the running lab").set_defaults(func=cmd_down)
+    be = sub.add_parser("backend", help="show or switch the running lab's Service backend")
+    be_sub = be.add_subparsers(dest="action")
+    be_set = be_sub.add_parser("set", help="switch: established connections keep their NAT")
+    be_set.add_argument("name")
+    be.set_defaults(func=cmd_backend)
     cl = sub.add_parser("clean", help="remove what a killed run left behind")
     cl.add_argument("--prefix", default=DEFAULT_PREFIX)
     cl.set_defaults(func=cmd_clean)

@@ -30,7 +30,7 @@ from podnet import inspection
 from podnet.control import request
 from podnet.errors import ConfigError
 
-NODE_OPTIONS = ("node_cidr", "service_cidr", "cluster_cidr", "node_ip", "mode")
+NODE_OPTIONS = ("node_cidr", "service_cidr", "cluster_cidr", "node_ip", "mode", "backend")
 UNSUPPORTED = (("-A", "--append"), ("-I", "--insert"), ("-D", "--delete"), ("-R", "--replace"),
                ("-F", "--flush"), ("-X", "--delete-chain"), ("-N", "--new-chain"), ("-P", "--policy"),
                ("-Z", "--zero"), ("-E", "--rename-chain"), ("-S", "--list-rules"), ("-C", "--check"))
@@ -49,6 +49,9 @@ def add_node_options(parser: argparse.ArgumentParser, *, offline: bool = False) 
                                                f"(default {LabConfig.cluster_cidr})")
     parser.add_argument("--node-ip", help=f"the node's own address, the masquerade source{when} "
                                           f"(default {LabConfig.node_ip})")
+    from podnet.core.services.registry import BACKENDS
+    parser.add_argument("--backend", choices=sorted(BACKENDS),
+                        help=f"the Service backend{when} (default {LabConfig.backend})")
     parser.add_argument("--mode", choices=["routed", "bridge"],
                         help="routed: Calico-style /32 pods behind a proxy-ARP gateway (default); "
                              "bridge: kubenet cbr0-style /24 pods on a learning bridge" + when)

@@ -7,6 +7,7 @@ Layer: lab. `podnet up` (in the foreground or with -d) serves it at `<state_dir>
     {"op": "status"}   -> {"ok": true, "pods": [{"namespace", "name", "ip", "node", "phase", ...}]}
     {"op": "stats"}    -> {"ok": true, "stats": {...DatapathStatistics...}}
     {"op": "down"}     -> {"ok": true}            (the lab then tears down and exits)
+    {"op": "backend", "set": "ipvs"} -> {"ok": true, "backend": "ipvs", "sync": {...}}  (no "set": show it)
     {"op": "services"} -> {"ok": true, "services": [{"namespace", "name", "type", "cluster_ip", "ports"}]}
 
 The Service inspection ops answer like the tool they stand for: what it would print on stdout and
@@ -84,6 +85,11 @@ class ControlServer:
         if op == "down":
             self.stop.set()
             return {"ok": True}
+        if op == "backend":
+            if request.get("set"):
+                report = self.lab.set_backend(request["set"])
+                return {"ok": True, "backend": self.lab.backend.name, "sync": _jsonable(report)}
+            return {"ok": True, "backend": self.lab.backend.name}
         if op == "services":
             return {"ok": True, "services": self.lab.services_status()}
         if op in ("iptables-save", "iptables-list"):

@@ -166,9 +166,7 @@ class Lab:
         self.manifests = allocate_services(manifests, ServiceIPAllocator(config.service_cidr, seed=config.seed))
         self.datapath = Datapath(mode=config.mode, node_cidr=config.node_cidr, node_ip=config.node_ip,
                                  conntrack=Conntrack(config.conntrack_max), seed=config.seed)
-        self.backend = backend_class(config.backend)(
-            cluster_cidr=config.cluster_cidr, node_ips=[config.node_ip],
-            local_addresses=self.datapath.local_addresses, partial_sync=config.partial_sync, seed=config.seed)
+        self.backend = self._make_backend(config.backend)
         self.datapath.set_backend(self.backend)
         self.syncs: list[SyncReport] = []
         self._endpoints_changed = trio.Event()
@@ -229,6 +227,27 @@ class Lab:
         self._synced_generation = generation
         log.info("%s sync: %d service ports, %d written, %d total, %.1f ms", "full" if report.full else "partial",
                  report.services, report.objects_written, report.objects_total, 1000 * (done - started))
+        return report
+
+    def _make_backend(self, name: str):
+        c = self.config
+        return backend_class(name)(cluster_cidr=c.cluster_cidr, node_ips=[c.node_ip],
+                                   local_addresses=self.datapath.local_addresses,
+                                   partial_sync=c.partial_sync, seed=c.seed)
+
+    def set_backend(self, name: str) -> SyncReport:
+        """Switch the Service backend on the running node, as an operator switching kube-proxy's
+        mode (or replacing it with Cilium) does: the new backend is programmed with every Service
+        first, then takes over NEW connections; established ones keep their conntrack NAT."""
+        backend = self._make_backend(name)
+        previous, self.backend = self.backend, backend
+        try:
+            report = self.sync_services(full=True)
+        except Exception:
+            self.backend = previous
+            raise
+        self.datapath.set_backend(backend)
+        log.info("backend switched from %s to %s", previous.name, backend.name)
         return report
 
     def endpoints_changed(self) -> None:
@@ -515,6 +534,9 @@ class SyncLab:
 
     def status_services(self) -> list[dict]:
         return trio.from_thread.run_sync(self.lab.services_status, trio_token=self._token)
+
+    def set_backend(self, name: str) -> SyncReport:
+        return trio.from_thread.run_sync(self.lab.set_backend, name, trio_token=self._token)
 
     def conntrack_listing(self) -> list[str]:
         return trio.from_thread.run_sync(self.lab.conntrack_listing, trio_token=self._token)

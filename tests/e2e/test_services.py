@@ -81,9 +81,39 @@ def _server(name: str, app: str, flags: str) -> Pod:
     return Pod(ObjectMeta(name, "default", {"app": app}), (container,), termination_grace_period_seconds=1)
 
 
-def _service(name: str, app: str, **kw) -> Service:
-    return Service(ObjectMeta(name, "default"), ports=(ServicePort("http", 80, target_port="http"),),
+def _service(name: str, app: str, ports=None, **kw) -> Service:
+    return Service(ObjectMeta(name, "default"), ports=ports or (ServicePort("http", 80, target_port="http"),),
                    selector={"app": app}, **kw)
+
+
+# Sends 20 MB of seeded data per connection in 64 KB chunks, pausing so a transfer lasts ~2 s
+SLOW = """
+import random, socket, threading, time
+blob = random.Random(7).randbytes(20 << 20)
+srv = socket.create_server(("0.0.0.0", 9000))
+def serve(conn):
+    with conn:
+        for i in range(0, len(blob), 1 << 16):
+            conn.sendall(blob[i:i + (1 << 16)])
+            time.sleep(0.006)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+FETCH = """
+import hashlib, socket, sys
+with socket.create_connection((sys.argv[1], 80), timeout=30) as s:
+    h, n = hashlib.sha256(), 0
+    while chunk := s.recv(1 << 16):
+        h.update(chunk); n += len(chunk)
+print(n, h.hexdigest())
+"""
+
+
+def _slow_server() -> Pod:
+    from podnet.cluster.model import TCPSocketAction
+    container = Container("data", command=(sys.executable, "-c", SLOW), ports=(ContainerPort(9000, "data"),),
+                          readiness_probe=Probe(TCPSocketAction(9000), period_seconds=1))
+    return Pod(ObjectMeta("slow-0", "default", {"app": "slow"}), (container,), termination_grace_period_seconds=1)
 
 
 LB_IP, LB_CLOSED_IP = "172.18.0.100", "172.18.0.101"  # on the uplink: the node answers ARP for them
@@ -103,6 +133,7 @@ def topology(flags: str) -> Manifests:
                             _server("solo", "solo", flags),
                             _service("web", "web"), _service("sticky", "web", session_affinity="ClientIP"),
                             _service("empty", "nothing"), _service("solo", "solo"),
+                            _slow_server(), _service("slow", "slow", ports=(ServicePort("data", 80, target_port=9000),)),
                             _external("np", 30080, type="NodePort"),
                             _external("np-local", 30081, type="NodePort", external_traffic_policy="Local"),
                             _external("lb", 30082, type="LoadBalancer", load_balancer_ingress=(LB_IP,)),
@@ -277,3 +308,27 @@ def test_load_balancer_source_ranges_are_enforced(lab):
     seen = connect_external(lab, LB_CLOSED_IP, 80, 2)
     assert seen["counts"] == {} and seen["refused"] == 2   # dropped: the client times out
     assert sum(connect_external(lab, LB_IP, 80, 2)["counts"].values()) == 2   # the open one still works
+
+
+@pytest.mark.parametrize("to", sorted(BACKENDS))
+def test_switching_backends_keeps_an_established_transfer_going(lab, to):
+    import hashlib
+    import random
+    host = cluster_ip(lab, "slow")
+    fetch = popen_in_netns(lab.pod("client").netns, [sys.executable, "-c", FETCH, host],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)                  # the transfer is under way ...
+        assert fetch.poll() is None
+        was = lab.backend.name
+        lab.set_backend(to)              # ... when the node changes its Service backend
+        assert lab.backend.name == to and fetch.poll() is None   # switched mid-transfer
+        out, _ = fetch.communicate(timeout=60)
+    finally:
+        fetch.kill()
+        fetch.wait()
+    expected = hashlib.sha256(random.Random(7).randbytes(20 << 20)).hexdigest()
+    assert out.split() == [str(20 << 20), expected]
+    # and NEW connections go through the new backend
+    assert sum(connect_many(lab, "client", cluster_ip(lab, "web"), 5)["counts"].values()) == 5
+    lab.set_backend(was)

@@ -539,7 +539,8 @@ class Datapath:
                       Refusal.CLASH: DropReason.CT_CLASH}.get(made, DropReason.CT_INVALID)
             return self._drop(ctx, reason, port.id, "conntrack", made.name)
         if self.backend is not None and decision.is_service:
-            made.backend = decision
+            # the backend that decided hears of the flow's end, even after a switch
+            made.backend = (self.backend, decision)
         ctx.step("conntrack", f"new flow {made.id}", f"reply tuple {_tuple_text(made.reply)}")
         return made
 
@@ -579,8 +580,9 @@ class Datapath:
             flow = self._flows.pop(key, None)
             if flow is not None:
                 self._retire(key, flow)
-        if self.backend is not None and isinstance(entry.backend, Decision):
-            self.backend.flow_closed(entry.backend, entry.deadline)
+        if isinstance(entry.backend, tuple):
+            backend, decision = entry.backend
+            backend.flow_closed(decision, entry.deadline)
 
     def _local(self, frame, info: pk.IPv4Info, port: Port, ctx: _Ctx) -> list[Transmit | Drop]:
         """Addressed to the node itself: the gateway answers pings and nothing else."""
