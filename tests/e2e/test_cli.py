@@ -13,22 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from .clitools import DEMO, netns_with, podnet
+
 pytestmark = pytest.mark.root
 
-DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "demo" / "pods.yaml")
-
-
-def podnet(state_dir: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "podnet.cli", "--state-dir", state_dir, *args],
-                          capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert done.returncode == 0, f"podnet {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def netns_with(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
 
 
 def test_up_detached_exec_status_down(state_dir):
@@ -64,15 +52,20 @@ def test_clean_after_the_datapath_was_sigkilled(state_dir):
                                      "import json,sys; from podnet.control import request; "
                                      f"print(json.dumps(request({state_dir!r}, 'ping')))"],
                                     capture_output=True, text=True, check=True).stdout)["pid"]
-    journal = json.loads(Path(glob.glob(os.path.join(state_dir, "podnet-*.json"))[0]).read_text())
-    children = [e["pid"] for e in journal["entries"] if e["kind"] == "process"]
-    assert len(children) == 4 and len(netns_with("pn-k1")) == 4
+    try:
+        journal = json.loads(Path(glob.glob(os.path.join(state_dir, "podnet-*.json"))[0]).read_text())
+        children = [e["pid"] for e in journal["entries"] if e["kind"] == "process"]
+        # four pods, and the external client on the uplink
+        assert len(children) == 4 and len(netns_with("pn-k1")) == 5
+    except BaseException:
+        podnet(state_dir, "down", check=False)  # never leave the lab running when this setup fails
+        raise
     os.kill(pid, signal.SIGKILL)
     for _ in range(100):
         if not Path(f"/proc/{pid}").exists():
             break
         time.sleep(0.05)
-    assert len(netns_with("pn-k1")) == 4  # a SIGKILLed lab cleans nothing up itself
+    assert len(netns_with("pn-k1")) == 5  # a SIGKILLed lab cleans nothing up itself
     report = podnet(state_dir, "clean", "--prefix", "pn-k1")
     assert "netns pn-k1demo.client" in report.stdout
     assert netns_with("pn-k1") == []

@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from .clitools import DEMO, podnet
+
 pytestmark = pytest.mark.root
 
-DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "demo" / "pods.yaml")
 BACKENDS = {"10.244.0.3", "10.244.0.4", "10.244.0.5"}
-
-
-def podnet(state_dir: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "podnet.cli", "--state-dir", state_dir, *args],
-                          capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert done.returncode == 0, f"podnet {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def comparable(save: str) -> list[str]:

@@ -131,30 +131,25 @@ class ObjectMeta:
         object.__setattr__(self, "annotations", _frozen_mapping(self.annotations))
 
 
-class _ClusterScoped:
-    """Name and identity of an object that lives outside any namespace (Namespace, Node)."""
-
+class _Named:
     KIND: ClassVar[str]
     meta: ObjectMeta
 
     @property
     def name(self) -> str:
         return self.meta.name
+
+
+class _ClusterScoped(_Named):
+    """Name and identity of an object that lives outside any namespace (Namespace, Node)."""
 
     @property
     def object_key(self) -> ObjectKey:
         return (self.KIND, "", self.meta.name)
 
 
-class _Namespaced:
+class _Namespaced(_Named):
     """Name and identity of an object that lives in a namespace (Pod, Service, EndpointSlice)."""
-
-    KIND: ClassVar[str]
-    meta: ObjectMeta
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
 
     @property
     def namespace(self) -> str:

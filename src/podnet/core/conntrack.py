@@ -103,7 +103,6 @@ from typing import NamedTuple
 
 from ..errors import ConfigError
 from .nat import NatBinding, Rewrite
-from .packet import ip_str
 from .services.packetinfo import CtState
 
 IPPROTO_ICMP = 1

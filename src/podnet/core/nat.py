@@ -207,10 +207,9 @@ def _rewrite(frame, ip: int, l4: int, proto: int, src, sport, dst, dport, partia
 
 # ---- ICMP errors about a tracked flow (RELATED) ---------------------------------------------
 
-def icmp_error_inner(frame, l4_offset: int, ip_offset: int = ETH_HLEN) -> tuple | None:
-    """The tuple of the packet an ICMP error quotes, as (proto, src, sport, dst, dport); for a
-    quoted ICMP message (proto, src, id, dst, type << 8 | code). None when the quote is too short
-    to hold an IPv4 header and 8 bytes of the next one (RFC 792) or is not IPv4."""
+def _quote(frame, l4_offset: int, ip_offset: int) -> tuple[int, int, int] | None:
+    """Where the packet an ICMP error quotes lies: (its IP offset, its L4 offset, the end of the
+    error's datagram), or None when the quote cannot hold an IPv4 header plus 8 bytes (RFC 792)."""
     end = min(len(frame), ip_offset + (frame[ip_offset + 2] << 8 | frame[ip_offset + 3]))
     inner_ip = l4_offset + 8
     if inner_ip + 20 > end or frame[inner_ip] >> 4 != 4:
@@ -218,6 +217,17 @@ def icmp_error_inner(frame, l4_offset: int, ip_offset: int = ETH_HLEN) -> tuple 
     inner_l4 = inner_ip + (frame[inner_ip] & 0x0F) * 4
     if inner_l4 - inner_ip < 20 or inner_l4 + 8 > end:
         return None
+    return inner_ip, inner_l4, end
+
+
+def icmp_error_inner(frame, l4_offset: int, ip_offset: int = ETH_HLEN) -> tuple | None:
+    """The tuple of the packet an ICMP error quotes, as (proto, src, sport, dst, dport); for a
+    quoted ICMP message (proto, src, id, dst, type << 8 | code). None when the quote is too short
+    to hold an IPv4 header and 8 bytes of the next one (RFC 792) or is not IPv4."""
+    quote = _quote(frame, l4_offset, ip_offset)
+    if quote is None:
+        return None
+    inner_ip, inner_l4, _end = quote
     proto = frame[inner_ip + 9]
     src, = _U32.unpack_from(frame, inner_ip + 12)
     dst, = _U32.unpack_from(frame, inner_ip + 16)
@@ -242,13 +252,10 @@ def rewrite_icmp_error(frame, l4_offset: int, binding: NatBinding, direction: in
     nf_nat_icmp_reply_translation does, because the quote's own checksums changed too. Returns
     False, changing nothing, when the quote is too short to translate.
     """
-    end = min(len(frame), ip_offset + (frame[ip_offset + 2] << 8 | frame[ip_offset + 3]))
-    inner_ip = l4_offset + 8
-    if inner_ip + 20 > end or frame[inner_ip] >> 4 != 4:
+    quote = _quote(frame, l4_offset, ip_offset)
+    if quote is None:
         return False
-    inner_l4 = inner_ip + (frame[inner_ip] & 0x0F) * 4
-    if inner_l4 - inner_ip < 20 or inner_l4 + 8 > end:
-        return False
+    inner_ip, inner_l4, end = quote
     inner_proto = frame[inner_ip + 9]
     if inner_proto != binding.original[0]:
         return False

@@ -49,7 +49,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
