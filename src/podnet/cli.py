@@ -180,12 +180,18 @@ def cmd_stats(args) -> int:
 
 
 def cmd_exec(args) -> int:
-    from podnet.linux.netns import run_in_netns
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not argv:
+    if not argv and not (args.external and args.pod):
         print("podnet exec: no command given (podnet exec POD -- CMD...)", file=sys.stderr)
         return 2
-    pods = request(_state_dir(args), "status")["pods"]
+    reply = request(_state_dir(args), "status")
+    if args.external:
+        argv = ([args.pod] if args.pod not in (None, "--") else []) + argv
+        if not reply.get("external"):
+            print("podnet exec: this lab has no uplink (external client)", file=sys.stderr)
+            return 1
+        return _run_in(reply["external"]["netns"], argv)
+    pods = reply["pods"]
     matches = [p for p in pods if p["name"] == args.pod and (args.namespace is None or p["namespace"] == args.namespace)]
     if not matches:
         where = f" in namespace {args.namespace!r}" if args.namespace else ""
@@ -195,8 +201,13 @@ def cmd_exec(args) -> int:
         print(f"podnet exec: pod {args.pod!r} is in namespaces {', '.join(p['namespace'] for p in matches)}; use -n",
               file=sys.stderr)
         return 1
+    return _run_in(matches[0]["netns"], argv)
+
+
+def _run_in(netns: str, argv: list[str]) -> int:
+    from podnet.linux.netns import run_in_netns
     try:
-        done = run_in_netns(matches[0]["netns"], subprocess.run, argv)
+        done = run_in_netns(netns, subprocess.run, argv)
     except FileNotFoundError:
         print(f"podnet exec: {argv[0]}: executable file not found", file=sys.stderr)
         return 127
@@ -266,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("--services", action="store_true", help="list Services and their ClusterIPs instead")
 
-    ex = sub.add_parser("exec", help="run a command inside a pod")
+    ex = sub.add_parser("exec", help="run a command inside a pod (or, with --external, on the external client)")
     ex.add_argument("-n", "--namespace")
-    ex.add_argument("pod")
+    ex.add_argument("--external", action="store_true", help="on the external client of the node's uplink")
+    ex.add_argument("pod", nargs="?")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(func=cmd_exec)
 

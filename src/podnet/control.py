@@ -79,7 +79,9 @@ class ControlServer:
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "ready": self.ready}
         if op == "status":
-            return {"ok": True, "pods": self.lab.status()}
+            external = self.lab.external
+            return {"ok": True, "pods": self.lab.status(),
+                    "external": {"netns": external.netns, "ip": external.ip} if external else None}
         if op == "stats":
             return {"ok": True, "stats": _jsonable(self.lab.statistics()), "sync": self.lab.sync_summary()}
         if op == "down":

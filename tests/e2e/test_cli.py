@@ -92,3 +92,18 @@ def test_a_bad_manifest_names_file_object_field_and_creates_nothing(state_dir, t
         assert part in done.stderr, done.stderr
     assert netns_with("pn-m1") == []
     assert not glob.glob(os.path.join(state_dir, "podnet-*.json"))
+
+
+def test_exec_on_the_external_client_reaches_a_service(state_dir):
+    up = podnet(state_dir, "up", "-d", "-f", DEMO, "--prefix", "pn-c2")
+    try:
+        assert "Running" in up.stdout
+        route = podnet(state_dir, "exec", "--external", "--", "ip", "route").stdout
+        assert "default via 172.18.0.2 dev eth0" in route
+        vip = json.loads(podnet(state_dir, "status", "--services", "-o", "json").stdout)[0]["cluster_ip"]
+        answer = podnet(state_dir, "exec", "--external", "--", "curl", "-sS", "-m", "5", f"http://{vip}/").stdout
+        assert answer.strip() in {"web-1", "web-2", "web-3"}
+        assert podnet(state_dir, "backend").stdout.strip() == "iptables"
+    finally:
+        podnet(state_dir, "down")
+    assert netns_with("pn-c2") == []
