@@ -108,10 +108,15 @@ def endpoints_of(svc: ProxyServicePort) -> set[tuple[int, int]]:
     return {(_ip(ep.ip), ep.port) for ep in svc.endpoints}
 
 
+# what an operator sizes for this many Services: Cilium's LB maps hold 65,536 entries by default
+# (--bpf-lb-map-max), and 50,000 Services x (1 master + 5 slots) need 300,000
+SIZING = {"ebpf": {"lb_map_max": 1 << 19}}
+
+
 def make_backend(name: str) -> ServiceBackend:
-    """Every backend takes the node's view the way lab.py builds it."""
+    """Every backend takes the node's view the way lab.py builds it (plus the sizing above)."""
     return BACKENDS[name](cluster_cidr=CLUSTER_CIDR, node_ips=[NODE_IP], local_addresses=[_ip(NODE_IP)],
-                          partial_sync=True, seed=SEED)
+                          partial_sync=True, seed=SEED, **SIZING.get(name, {}))
 
 
 @dataclass

@@ -682,9 +682,17 @@ class Datapath:
             self._next_sweep = now + _FLOW_SWEEP_INTERVAL_S if self._flows else None
         if self.bridge is not None:
             self.bridge.expire(now)
+        if self.conntrack.next_deadline() is not None and self.conntrack.next_deadline() <= now:
+            self.conntrack.handle_timer(now)
+        if self.backend is not None:
+            deadline = self.backend.next_deadline()
+            if deadline is not None and deadline <= now:
+                self.backend.handle_timer(now)
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._next_sweep, self.bridge.next_deadline() if self.bridge else None)
+        deadlines = [d for d in (self._next_sweep, self.bridge.next_deadline() if self.bridge else None,
+                                 self.conntrack.next_deadline(),
+                                 self.backend.next_deadline() if self.backend is not None else None)
                      if d is not None]
         return min(deadlines) if deadlines else None
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from podnet.errors import ConfigError
 
 from .base import ServiceBackend
+from .ebpf import EbpfBackend
 from .iptables_backend import IptablesBackend
 
 BACKENDS: dict[str, type[ServiceBackend]] = {
     "iptables": IptablesBackend,
+    "ebpf": EbpfBackend,
 }
 
 

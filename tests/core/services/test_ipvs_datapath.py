@@ -1,0 +1,93 @@
+"""The IPVS backend inside podnet's datapath (no root): a pod reaches a ClusterIP and the reply
+comes back from it, a Service without endpoints answers port unreachable, a trace shows the rules
+and the virtual service, and podnet's conntrack tells IPVS when a flow is gone."""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+
+import dpkt
+
+from podnet.core.datapath import Datapath, Drop, PortKind, Transmit
+from podnet.core.packet import DropReason
+from podnet.core.services.ipvs import IpvsBackend
+from podnet.core.services.kubeproxy import ProxyEndpoint, ProxyServicePort
+from podnet.testing import frames as F
+
+CLIENT_MAC, WEB_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+
+
+def _node(**kw):
+    dp = Datapath(node_cidr="10.244.0.0/24", node_ip="192.168.1.10")
+    backend = IpvsBackend(node_ips=["192.168.1.10"], local_addresses=dp.local_addresses, **kw)
+    dp.set_backend(backend)
+    client = dp.add_port("client", PortKind.POD, CLIENT_MAC, "10.244.0.9")
+    web = dp.add_port("web", PortKind.POD, WEB_MAC, "10.244.0.5")
+    backend.sync([
+        ProxyServicePort("default", "web", "http", "TCP", "10.96.0.10", 80,
+                         endpoints=(ProxyEndpoint("10.244.0.5", 8080, is_local=True),)),
+        ProxyServicePort("default", "empty", "http", "TCP", "10.96.0.99", 80),
+    ])
+    return dp, backend, client, web
+
+
+def _ip_layer(action: Transmit) -> dpkt.ip.IP:
+    return dpkt.ethernet.Ethernet(bytes(action.frame)).data
+
+
+def _dest(backend: IpvsBackend):
+    return backend.services[(6, int(ipaddress.IPv4Address("10.96.0.10")), 80)].dests[0]
+
+
+def test_a_pod_reaches_a_cluster_ip_and_the_reply_comes_from_it():
+    dp, backend, client, web = _node()
+    out = dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40000, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
+    assert len(out) == 1 and out[0].port == web
+    syn = _ip_layer(out[0])
+    assert (str(ipaddress.IPv4Address(syn.dst)), syn.data.dport) == ("10.244.0.5", 8080)
+    assert str(ipaddress.IPv4Address(syn.src)) == "10.244.0.9"          # a pod source: no masquerade
+    reply = dp.process(F.tcp("10.244.0.5", "10.244.0.9", 8080, 40000, flags=dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK,
+                             src_mac=WEB_MAC), web, 10.1)
+    back = _ip_layer(reply[0])
+    assert reply[0].port == client and (str(ipaddress.IPv4Address(back.src)), back.data.sport) == ("10.96.0.10", 80)
+    assert _dest(backend).activeconns == 1
+    assert "TCP  10.96.0.10:80 rr\n  -> 10.244.0.5:8080              Masq    1      1          0" in backend.dump()
+
+
+def test_a_service_without_endpoints_and_a_wrong_port_are_refused():
+    dp, backend, client, _ = _node()
+    out = dp.process(F.tcp("10.244.0.9", "10.96.0.99", 40001, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
+    assert isinstance(out[-1], Drop) and out[-1].reason is DropReason.SERVICE_REJECT
+    icmp = _ip_layer(out[0]).data
+    assert (icmp.type, icmp.code) == (3, 3)          # ip_vs_leave(): ICMP port unreachable, even for TCP
+    out = dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40002, 443, flags=dpkt.tcp.TH_SYN), client, 10.0)
+    assert isinstance(out[-1], Drop) and out[-1].reason is DropReason.SERVICE_REJECT   # KUBE-IPVS-FILTER
+
+
+def test_a_trace_shows_the_rules_and_the_virtual_service_and_decides_nothing():
+    dp, backend, client, _ = _node()
+    trace = str(dp.trace(F.tcp("10.244.0.9", "10.96.0.10", 40003, 80, flags=dpkt.tcp.TH_SYN), client, 10.0))
+    assert "ipvs/TCP 10.96.0.10:80 rr -> 10.244.0.5:8080 (scheduled)" in trace
+    assert "filter/KUBE-IPVS-FILTER:2" in trace
+    assert backend.statistics()["decisions"] == 0 and len(backend.conns) == 0
+
+
+def test_podnets_conntrack_tells_ipvs_when_a_flow_is_gone():
+    dp, backend, client, _ = _node()
+    dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40000, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
+    assert _dest(backend).activeconns == 1
+    dp.conntrack.handle_timer(10.0 + 3600)           # the unanswered SYN's conntrack entry expires
+    assert _dest(backend).activeconns == 0 and len(backend.conns) == 0
+
+
+def test_a_first_packet_the_datapath_drops_leaves_its_connection_to_ipvs_timeout():
+    dp, backend, client, _ = _node()
+    backend.sync([ProxyServicePort("default", "far", "http", "TCP", "10.96.0.20", 80,
+                                   endpoints=(ProxyEndpoint("10.244.0.77", 80),))])   # in the node's block: no route
+    out = dp.process(F.tcp("10.244.0.9", "10.96.0.20", 40000, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
+    assert isinstance(out[-1], Drop)
+    gc.collect()
+    assert len(backend.conns) == 1
+    backend.handle_timer(10.0 + 900)                 # nobody holds its Decision: ESTABLISHED's 900 s
+    assert len(backend.conns) == 0
