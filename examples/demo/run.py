@@ -15,6 +15,7 @@ import trio
 
 from podnet.cli import format_pods, format_stats
 from podnet.control import _jsonable
+from podnet.core.services.registry import BACKENDS
 from podnet.lab import LabConfig, open_lab
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +32,32 @@ def service_rules(save: str, service_port: str) -> str:
             chains.update(w for w in line.split() if w.startswith("KUBE-SEP-"))
     lines += [line for line in save.splitlines() if line.startswith("-A KUBE-SEP-") and line.split()[1] in chains]
     return "\n".join(dict.fromkeys(lines))
+
+
+# the Service backends the demo shows in turn, each with its own tool's view
+SHOWN_BACKENDS = [name for name in ("iptables", "ipvs", "ebpf") if name in BACKENDS]
+
+
+async def fetch_many(lab, url: str, count: int) -> dict[str, int]:
+    """`count` curls from the client pod, each a new connection: which backend answered how often."""
+    script = f"for i in $(seq {count}); do curl -sS -m 5 {url}; done"
+    result = await lab.exec("client", ["sh", "-c", script], namespace="demo")
+    answers: dict[str, int] = {}
+    for line in result.stdout.decode().split():
+        answers[line] = answers.get(line, 0) + 1
+    return answers
+
+
+def backend_view(lab, svc: dict) -> tuple[str, str]:
+    """The running backend's own view of the Service, as its real tool prints it."""
+    from podnet.cli_backends import backend_view as view
+    name = lab.backend.name
+    if name == "iptables":
+        return ("the rules that carried it (podnet iptables-save -t nat, this Service's chains)",
+                service_rules(lab.backend.dump(), "demo/web:http"))
+    if name == "ipvs":
+        return "podnet ipvsadm -Ln", view(lab.backend, "-Ln", {})
+    return "podnet cilium service list", view(lab.backend, "service list", {})
 
 
 def banner(text: str) -> None:
@@ -62,17 +89,18 @@ async def main(manifests: list[str], config: LabConfig | None = None) -> dict:
         print(result.stdout.decode().strip().splitlines()[-2])
 
         svc = next(s for s in lab.services_status() if s["name"] == "web")
-        banner(f"Service demo/web: ClusterIP {svc['cluster_ip']} port 80, backend {lab.backend.name}")
-        answers: dict[str, int] = {}
         url = f"http://{svc['cluster_ip']}/"
-        script = "for i in $(seq 30); do curl -sS -m 5 " + url + "; done"
-        result = await lab.exec("client", ["sh", "-c", script], namespace="demo")
-        for line in result.stdout.decode().split():
-            answers[line] = answers.get(line, 0) + 1
-        seen["service"] = answers
-        print(f"30 x curl {url} -> " + ", ".join(f"{k}: {v}" for k, v in sorted(answers.items())))
-        banner("the rules that carried it (podnet iptables-save -t nat, this Service's chains)")
-        print(service_rules(lab.backend.dump(), "demo/web:http"))
+        seen["service"] = {}
+        for backend in SHOWN_BACKENDS:
+            if lab.backend.name != backend:
+                lab.set_backend(backend)   # live: established flows keep their NAT
+            banner(f"Service demo/web: ClusterIP {svc['cluster_ip']} port 80, backend {backend}")
+            answers = await fetch_many(lab, url, 30)
+            seen["service"][backend] = answers
+            print(f"30 x curl {url} -> " + ", ".join(f"{k}: {v}" for k, v in sorted(answers.items())))
+            title, text = backend_view(lab, svc)
+            banner(title)
+            print(text.rstrip())
         banner("conntrack -L (podnet conntrack -L), the Service's flows")
         flows = [line for line in lab.conntrack_listing() if f"dst={svc['cluster_ip']} " in line]
         print("\n".join(flows[:3]) + (f"\n... {len(flows) - 3} more" if len(flows) > 3 else ""))
@@ -87,4 +115,6 @@ async def main(manifests: list[str], config: LabConfig | None = None) -> dict:
 
 if __name__ == "__main__":
     files = sys.argv[1:] or [str(HERE / "pods.yaml")]
-    trio.run(main, files)
+    # host-local's cursor moves on after every run (round robin), so a persistent pool would give the
+    # demo new addresses each time; the demo's node starts from a fresh pool, like a new node
+    trio.run(main, files, LabConfig(persist_ipam=False))

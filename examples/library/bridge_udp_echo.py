@@ -61,7 +61,7 @@ def main(config: LabConfig | None = None, count: int = 200) -> dict:
         route = lab.exec("echo-client", ["ip", "route"]).stdout.decode().strip()
         stats = lab.statistics()
         print(f"pods: echo-client {lab.pod('echo-client').ip}, echo-server {server.ip}  (bridge mode)")
-        print(f"echo-client's routes:\n  " + route.replace("\n", "\n  "))
+        print("echo-client's routes:\n  " + route.replace("\n", "\n  "))
         print(f"UDP echo: {answered}/{count} answered, RTT p50 {p50} us, p99 {p99} us")
         print(f"bridge: {stats.stages.get('bridge', 0)} frames switched, {stats.arp_replies} ARP replies")
         return {"answered": answered, "route": route, "stats": stats,

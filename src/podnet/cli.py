@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from podnet import cli_services
+from podnet import cli_backends, cli_services
 from podnet.control import ControlError, request, socket_path
 from podnet.errors import PodnetError
 
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--prefix", default=DEFAULT_PREFIX)
     cl.set_defaults(func=cmd_clean)
     cli_services.register(sub)
+    cli_backends.register(sub)
     return parser
 
 

@@ -87,6 +87,9 @@ class ControlServer:
         if op == "down":
             self.stop.set()
             return {"ok": True}
+        if op == "backend-view":
+            from podnet.cli_backends import backend_view
+            return {"ok": True, "text": backend_view(self.lab.backend, request["view"], request.get("options") or {})}
         if op == "backend":
             if request.get("set"):
                 report = self.lab.set_backend(request["set"])

@@ -32,6 +32,14 @@ def test_demo_fetches_from_every_server_through_the_datapath(state_dir, capsys):
     out = capsys.readouterr().out
     assert "default via 169.254.1.1 dev eth0 onlink" in out
     assert "inet 10.244.0.2/32" in out and "PORT" in out
+    # the Service, through each backend in turn: 30 answers, each from one of the servers
+    from podnet.core.services.registry import BACKENDS
+    assert set(seen["service"]) == set(BACKENDS)
+    for backend, answers in seen["service"].items():
+        assert sum(answers.values()) == 30 and set(answers) <= {"web-1", "web-2", "web-3"}, backend
+    assert "-j KUBE-SVC-" in out                       # iptables-save of the Service's chains
+    if "ebpf" in BACKENDS:
+        assert "Frontend" in out and "=> 10.244.0.3:8080/TCP (active)" in out   # cilium service list
 
 
 def test_bridge_mode_udp_echo_is_switched_by_the_learning_bridge(state_dir):
