@@ -14,7 +14,8 @@ from podnet.errors import ConfigError
 
 
 def backend_view(backend, view: str, options: dict) -> str:
-    """The text of one view of `backend` (`views()` lists what each backend has)."""
+    """The text of one view of `backend` (VIEW_BACKEND says which backend has which view).
+    `options["now"]` is the node's clock for views that show ages or rates."""
     wanted = VIEW_BACKEND[view]
     if backend.name != wanted:
         raise ConfigError(f"the node's Service backend is {backend.name}; `{TOOL[wanted]} {view}` shows the "
@@ -27,10 +28,9 @@ def backend_view(backend, view: str, options: dict) -> str:
             return cilium.bpf_lb_list(backend, revnat=bool(options.get("revnat")),
                                       backends=bool(options.get("backends")))
         return cilium.bpf_ct_list(backend.ct)
-    from podnet.core.services.ipvs import ipvsadm
-    if view == "-Lnc":
-        return ipvsadm.list_connections(backend)
-    return ipvsadm.list_services(backend, stats=bool(options.get("stats")), rate=bool(options.get("rate")))
+    now = float(options.get("now", 0.0))
+    return backend.ipvsadm(now, connections=view == "-Lnc", stats=bool(options.get("stats")),
+                           rate=bool(options.get("rate")))
 
 
 VIEW_BACKEND = {"service list": "ebpf", "bpf lb list": "ebpf", "bpf ct list global": "ebpf",

@@ -89,7 +89,8 @@ class ControlServer:
             return {"ok": True}
         if op == "backend-view":
             from podnet.cli_backends import backend_view
-            return {"ok": True, "text": backend_view(self.lab.backend, request["view"], request.get("options") or {})}
+            options = {**(request.get("options") or {}), "now": trio.current_time()}
+            return {"ok": True, "text": backend_view(self.lab.backend, request["view"], options)}
         if op == "backend":
             if request.get("set"):
                 report = self.lab.set_backend(request["set"])

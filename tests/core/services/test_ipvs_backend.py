@@ -210,9 +210,19 @@ def test_a_flow_still_held_by_the_datapath_is_not_expired():
     held = b.decide(pkt("10.244.9.9", "10.96.0.10", 80, sport=1), 0.0)
     b.decide(pkt("10.244.9.9", "10.96.0.10", 80, sport=2), 0.0)     # dropped by the datapath
     gc.collect()
+    assert dest.activeconns == 2                # until the backend is called again
+    assert b.next_deadline() == 900.0 and dest.activeconns == 1
     b.handle_timer(2000.0)
     assert dest.activeconns == 1
     assert b.conns.conns[held.conn].deadline == 2700.0        # re-armed every 900 s
+
+
+def test_repeated_decisions_nobody_keeps_are_new_connections_each():
+    # what a benchmark or a trace-like caller does: each decide is a NEW flow, none is kept
+    b = backend(svc("web", "10.96.0.10", 80, E("10.244.1.5"), E("10.244.2.7")))
+    got = [target(b.decide(pkt("10.244.9.9", "10.96.0.10", 80), 1.0)) for _ in range(4)]
+    assert got == ["10.244.2.7:8080", "10.244.1.5:8080"] * 2
+    assert b.statistics()["connections"] == 0
 
 
 def test_reusing_a_client_tuple_reuses_the_udp_connection():
@@ -347,10 +357,10 @@ def test_one_endpoint_change_writes_one_real_server_whatever_the_size(n):
     report = b.sync(services, full=False)
     assert report.objects_written == 1
     assert report.detail == {"virtual_services_written": 0, "real_servers_written": 1, "ipset_entries_written": 0,
-                             "service_ports_examined": 1, "iptables_rules": report.detail["iptables_rules"],
+                             "services_examined": 1, "iptables_rules": report.detail["iptables_rules"],
                              "iptables_rules_changed": False, "terminating_real_servers": 0}
     again = b.sync(services, full=True)           # a full resync recomputes, and writes nothing
-    assert again.objects_written == 0 and again.detail["service_ports_examined"] == n
+    assert again.objects_written == 0 and again.detail["services_examined"] == n
 
 
 def test_removing_a_service_deletes_its_virtual_service_and_set_entries():

@@ -27,7 +27,8 @@ def port(ns: str, name: str, port_name: str, cluster_ip: str, number: int, *eps:
                             endpoints=tuple(ProxyEndpoint(a, p) for a, p in eps), **kw)
 
 
-def issue_75443_node() -> IpvsBackend:
+def issue_75443_node() -> tuple[IpvsBackend, list]:
+    """The node, and the Decisions of its open connections (held, as conntrack entries hold them)."""
     b = IpvsBackend(node_ips=["172.16.1.7"], local_addresses=[ip("172.16.1.7")])
     b.sync([
         port("default", "kubernetes", "https", "10.96.0.1", 443,
@@ -38,14 +39,14 @@ def issue_75443_node() -> IpvsBackend:
         port("default", "web", "", "10.106.48.173", 80, ("10.244.0.4", 80), ("10.244.3.3", 80), node_port=31481),
     ])
     # the connections of the listing: one to the apiserver on 172.16.1.7, two to 10.244.3.2
-    b.decide(PacketInfo(ip("10.244.0.9"), ip("10.96.0.1"), 6, 40000, 443), 1.0)
-    b.decide(PacketInfo(ip("10.244.0.9"), ip("10.96.175.60"), 6, 40001, 443), 1.0)
-    b.decide(PacketInfo(ip("10.244.0.9"), ip("10.96.175.60"), 6, 40002, 443), 1.0)
-    return b
+    held = [b.decide(PacketInfo(ip("10.244.0.9"), ip("10.96.0.1"), 6, 40000, 443), 1.0),
+            b.decide(PacketInfo(ip("10.244.0.9"), ip("10.96.175.60"), 6, 40001, 443), 1.0),
+            b.decide(PacketInfo(ip("10.244.0.9"), ip("10.96.175.60"), 6, 40002, 443), 1.0)]
+    return b, held
 
 
 def test_ipvsadm_ln_as_a_real_kube_proxy_node_shows_it():
-    b = issue_75443_node()
+    b, _held = issue_75443_node()
     assert b.dump() == HEADER + (
         "TCP  172.16.1.7:31481 rr\n"
         "  -> 10.244.0.4:80                Masq    1      0          0         \n"
@@ -91,7 +92,7 @@ def test_service_flags_persistence_and_protocol_order():
 
 
 def test_lines_follow_ipvsadm_c_format_strings():
-    b = issue_75443_node()
+    b, _held = issue_75443_node()
     vs = b.services[(6, ip("10.96.0.1"), 443)]
     dest = vs.by_key[(ip("172.16.1.7"), 6443)]
     svc_name = ("%-4s %s" % ("TCP", "10.96.0.1:443"))[:33]
@@ -139,9 +140,9 @@ def test_connection_listing():
     b = IpvsBackend()
     b.sync([port("default", "web", "", "10.96.0.10", 80, ("10.244.2.7", 8080), affinity_timeout_s=10800),
             port("kube-system", "dns", "", "10.96.0.53", 53, ("10.244.3.3", 53), protocol="UDP")])
-    b.decide(PacketInfo(ip("10.244.1.9"), ip("10.96.0.10"), 6, 40000, 80), 100.0)
-    b.decide(PacketInfo(ip("10.244.1.9"), ip("10.96.0.53"), 17, 5353, 53), 100.0)
-    assert b.ipvsadm(130.5, connections=True) == (
+    held = [b.decide(PacketInfo(ip("10.244.1.9"), ip("10.96.0.10"), 6, 40000, 80), 100.0),
+            b.decide(PacketInfo(ip("10.244.1.9"), ip("10.96.0.53"), 17, 5353, 53), 100.0)]
+    assert held and b.ipvsadm(130.5, connections=True) == (
         "IPVS connection entries\n"
         "pro expire state       source             virtual            destination\n"
         "TCP 179:29 NONE        10.244.1.9:0       10.96.0.10:80      10.244.2.7:8080\n"

@@ -14,7 +14,7 @@ import pytest
 
 from podnet.core.services.ipvs.hashing import hash_32, hsiphash_u32, siphash
 from podnet.core.services.ipvs.schedulers import (
-    MH_KEY1, MaglevHashing, SourceHashing, make_scheduler, scheduler_flag_names,
+    MH_KEY1, SourceHashing, make_scheduler, scheduler_flag_names,
 )
 from podnet.core.services.ipvs.table import (
     IPPROTO_TCP, IPPROTO_UDP, SVC_F_SCHED1, SVC_F_SCHED2, ConnectionTable, IpvsState, VirtualService,

@@ -7,9 +7,11 @@ from podnet.errors import ConfigError
 from .base import ServiceBackend
 from .ebpf import EbpfBackend
 from .iptables_backend import IptablesBackend
+from .ipvs import IpvsBackend
 
 BACKENDS: dict[str, type[ServiceBackend]] = {
     "iptables": IptablesBackend,
+    "ipvs": IpvsBackend,
     "ebpf": EbpfBackend,
 }
 

@@ -2,8 +2,9 @@
 
 Modules: hashing (the kernel's hash functions), table (virtual services, real servers,
 connections, templates, timeouts, rate estimator), schedulers (rr, wrr, lc, wlc, sed, nq, sh, dh,
-mh), residual (kube-proxy's ipsets and residual iptables rules), backend (IpvsBackend, the
-ServiceBackend), ipvsadm (the tool's listings).
+mh), proxier (kube-proxy's sync and graceful termination, as diffs), residual (kube-proxy's ipsets
+and residual iptables rules), backend (IpvsBackend, the ServiceBackend), ipvsadm (the tool's
+listings).
 """
 
 from .backend import IpvsBackend, IpvsDecision

@@ -403,8 +403,7 @@ class MaglevHashing(Scheduler):
 
     def _reassign(self, svc) -> None:
         if len(svc.dests) > self.size:
-            raise ConfigError(f"mh: {svc!r} has more destinations ({len(svc.dests)}) than table slots "
-                              f"({self.size})")
+            return   # ip_vs_mh_reassign's -EINVAL, which __ip_vs_update_dest ignores: the old table stays
         g = 0
         for dest in svc.dests:
             if dest.last_weight > 0:

@@ -24,9 +24,12 @@ Rules this module keeps (the kernel's):
   (it shows port 65535) but stays in the table until it expires with nothing left to control.
 - podnet's backend sees only the first packet of a connection. A connection therefore stays
   while the datapath still holds the Decision that made it (a conntrack entry keeps it in
-  `entry.backend`; the connection keeps a weak reference): when its timer runs out and the
-  Decision is still held, the timer is re-armed as the flow's packets would re-arm it in the
-  kernel; when the Decision is gone, the connection expires.
+  `entry.backend`; the connection keeps a weak reference, `hold`): when its timer runs out and
+  the Decision is still held, the timer is re-armed as the flow's packets would re-arm it in the
+  kernel. When the Decision is gone, a TCP or SCTP connection leaves the table at the next call
+  (`reap`: the datapath dropped the first packet, or forgot the flow), while a UDP one waits for
+  its timeout, as the kernel keeps a UDP entry 300 s after its last packet. The weak reference's
+  callback only queues the connection; the table changes in `reap`, never inside a callback.
 - The timer heap holds at most a few stale items per connection; every operation is O(1) or
   O(log n) in the number of connections, and nothing here scans all services.
 """
@@ -339,6 +342,7 @@ class ConnectionTable:
         self.by_tuple: dict[tuple[int, int, int, int, int], Connection] = {}
         self.templates: dict[tuple[int, int, int, int], Connection] = {}
         self._heap: list[tuple[float, int, int]] = []
+        self._released: list[int] = []      # connections whose Decision was collected, to reap
         self._next_id = 1
         self._seq = 0
         self.expired = 0
@@ -400,6 +404,21 @@ class ConnectionTable:
             self.by_tuple[conn.tuple_key] = conn
             self.set_state(conn, state if state is not None else conn.state, now)
         return conn
+
+    def hold(self, conn: Connection, decision: object) -> None:
+        """Tie `conn` to the Decision the datapath keeps for its flow (see the module text)."""
+        released = self._released
+        conn.decision = weakref.ref(decision, lambda _ref, conn_id=conn.id: released.append(conn_id))
+
+    def reap(self) -> int:
+        """Expire the TCP/SCTP connections whose Decision the datapath let go; how many."""
+        reaped = 0
+        while self._released:
+            conn = self.conns.get(self._released.pop())
+            if conn is not None and conn.protocol != IPPROTO_UDP and not conn.decision_alive():
+                self.expire(conn)
+                reaped += 1
+        return reaped
 
     def add_template(self, key: tuple[int, int, int, int], conn: Connection) -> None:
         conn.tkey = key
@@ -473,6 +492,7 @@ class ConnectionTable:
             heapq.heapify(self._heap)
 
     def next_deadline(self) -> float | None:
+        self.reap()
         heap = self._heap
         while heap:
             deadline, seq, conn_id = heap[0]
@@ -484,7 +504,7 @@ class ConnectionTable:
 
     def handle_timer(self, now: float) -> int:
         """Run every timer due at or before `now`, in deadline order; returns the entries expired."""
-        expired = 0
+        expired = self.reap()
         heap = self._heap
         while heap and heap[0][0] <= now:
             deadline, seq, conn_id = heapq.heappop(heap)
