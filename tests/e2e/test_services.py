@@ -308,8 +308,14 @@ def test_external_traffic_policy_local_keeps_the_client_address(lab):
 
 def test_load_balancer_source_ranges_are_enforced(lab):
     wait_endpoints_ready(lab, "web", 3)
+    before = lab.statistics().drops
     seen = connect_external(lab, LB_CLOSED_IP, 80, 2)
     assert seen["counts"] == {} and seen["refused"] == 2   # dropped: the client times out
+    after = lab.statistics().drops
+    # where it was dropped: kube-proxy's KUBE-PROXY-FIREWALL (a backend decision), or the eBPF
+    # backend's XDP program on the uplink, before the frame is even parsed
+    where = "xdp_drop" if lab.backend.name == "ebpf" else "service_drop"
+    assert after.get(where, 0) > before.get(where, 0)
     assert sum(connect_external(lab, LB_IP, 80, 2)["counts"].values()) == 2   # the open one still works
 
 

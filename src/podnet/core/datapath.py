@@ -156,7 +156,9 @@ class _Ctx:
 # flow-cache entry layout (a list, for speed): out port, new Ethernet dst+src, packets, bytes, last
 # seen, the conntrack entry, the direction of the flow this key is, and the NAT binding (or None)
 _OUT, _ETH, _PKTS, _BYTES, _SEEN, _CT, _DIR, _NAT = range(8)
-DROPPED = -1  # what forward_fast answers for a frame it dropped itself (counted): no port has it
+# what forward_fast answers for a frame it dropped itself (counted): no port has these numbers
+DROPPED = -1       # conntrack found the packet INVALID
+XDP_DROPPED = -2   # the backend's XDP program dropped it on the uplink
 _EPHEMERAL = (1024, 65535)  # the port range MASQUERADE picks from when it must move a source port
 
 
@@ -219,6 +221,8 @@ class Datapath:
             self.routes.add(f"{node_ip}/32", 0, kind="local")
         self.uplink_arp = ProxyArp(self.gateway_mac, {self.node_ip} if self.node_ip is not None else set())
         self.backend = backend
+        self._xdp = None
+        self._xdp_ports: set[int] = set()
         self.conntrack = conntrack if conntrack is not None else Conntrack()
         self.conntrack.on_destroy = self._ct_destroyed
         self._ct_steady = self.conntrack.update_steady
@@ -235,6 +239,12 @@ class Datapath:
         """Switch the Service backend. Established flows keep their conntrack NAT, as on a node
         whose kube-proxy changed mode; only NEW flows ask the new backend."""
         self.backend = backend
+        self._update_xdp()
+
+    def _update_xdp(self) -> None:
+        """A backend with an XDP program (the eBPF one) sees every raw frame of the uplink first."""
+        self._xdp = getattr(self.backend, "xdp", None)
+        self._xdp_ports = {p.id for p in self._ports.values() if p.kind is PortKind.UPLINK} if self._xdp else set()
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -250,6 +260,7 @@ class Datapath:
         if self.bridge is not None and kind is PortKind.POD:
             self.bridge.add_port(port.id)
         self._flush_flows()
+        self._update_xdp()
         return port.id
 
     def remove_port(self, port_id: int) -> None:
@@ -283,6 +294,8 @@ class Datapath:
         if out is not None:
             if out == DROPPED:
                 return [Drop(DropReason.CT_INVALID, in_port, "fast path")]
+            if out == XDP_DROPPED:
+                return [Drop(DropReason.XDP_DROP, in_port, "xdp")]
             # tuple.__new__ skips the NamedTuple's Python-level __new__ on the per-frame path
             return [_new_tuple(Transmit, (out, frame, vnet))]
         return self._slow(frame, in_port, vnet, _Ctx(now))
@@ -299,6 +312,12 @@ class Datapath:
         addressed to the gateway MAC, a valid IPv4 header checksum (a correct header's 32-bit words
         sum to 0 modulo 0xffff). TCP segments with SYN, FIN or RST always take the slow path: they
         move conntrack's state machine, and the trace should show it."""
+        if self._xdp_ports and in_port in self._xdp_ports and commit:
+            # XDP runs on the raw frame before anything else; it either drops it here or lets it
+            # through to the stack (fast or slow path), which does not run it again
+            if self._xdp(frame) == "XDP_DROP":
+                self._c.drops[DropReason.XDP_DROP.value] += 1
+                return XDP_DROPPED
         n = len(frame)
         if n < 38:
             return None
@@ -339,6 +358,13 @@ class Datapath:
         frame = bytearray(frame)
         description = pk.describe(frame)
         ctx = _Ctx(now, commit=False, steps=[])
+        if self._xdp_ports and in_port in self._xdp_ports:
+            verdict = str(getattr(self._xdp(frame), "value", self._xdp(frame)))
+            ctx.step("xdp", verdict, f"{self.backend.name} program on the uplink")
+            if verdict == "XDP_DROP":
+                port = self._ports.get(in_port)
+                return Trace(description, port.name if port else str(in_port), tuple(ctx.steps),
+                             (Drop(DropReason.XDP_DROP, in_port, "xdp"),))
         if self.forward_fast(frame, in_port, now, vnet, commit=False) is not None:
             ctx.step("flow", "cached", "an established flow: the fast path gives the same result")
         actions = self._slow(frame, in_port, vnet, ctx)

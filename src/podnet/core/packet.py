@@ -79,6 +79,7 @@ class DropReason(enum.Enum):
     CT_CLASH = "ct_clash"                  # a NEW flow whose tuple another entry holds
     SERVICE_DROP = "service_drop"          # the service backend said DROP
     SERVICE_REJECT = "service_reject"      # ... or REJECT (an RST or ICMP error was sent)
+    XDP_DROP = "xdp_drop"                  # the backend's XDP program on the uplink dropped the raw frame
 
 
 def mac_bytes(mac: str | bytes) -> bytes:
