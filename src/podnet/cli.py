@@ -70,6 +70,8 @@ def format_stats(stats: dict, sync: dict | None = None) -> str:
         out.append(f"{sync['backend']} syncs: {sync['full_syncs']} full, {sync['partial_syncs']} partial; "
                    f"{sync['objects_total']} rules; last took {sync['last_sync_ms']} ms, the datapath waited "
                    f"{sync['last_wait_ms']} ms (at most {sync['max_wait_ms']} ms)")
+        for failure in sync.get("failed") or ():
+            out.append(f"{sync['backend']} sync error: {failure}")
     return "\n".join(out)
 
 

@@ -79,6 +79,7 @@ class LabConfig:
     partial_sync: bool = True          # kube-proxy >= 1.28: only changed Services' chains
     conntrack_max: int = 262144        # nf_conntrack_max
     seed: int = 0                      # statistic draws, ClusterIP picks: runs are repeatable
+    backend_options: dict = field(default_factory=dict)  # backend-specific: e.g. ebpf lb_map_max, ipvs scheduler
 
 
 @dataclass(frozen=True)
@@ -225,15 +226,19 @@ class Lab:
                             build_s=built - started, apply_s=done - built, detail=report.detail)
         self.syncs.append(report)
         self._synced_generation = generation
+        for failure in report.detail.get("failed", ()):
+            # e.g. a full BPF map (E2BIG): that Service is not programmed, the others are
+            log.warning("%s sync: %s", self.backend.name, failure)
         log.info("%s sync: %d service ports, %d written, %d total, %.1f ms", "full" if report.full else "partial",
                  report.services, report.objects_written, report.objects_total, 1000 * (done - started))
         return report
 
     def _make_backend(self, name: str):
         c = self.config
+        options = c.backend_options if name == c.backend else {}
         return backend_class(name)(cluster_cidr=c.cluster_cidr, node_ips=[c.node_ip],
                                    local_addresses=self.datapath.local_addresses,
-                                   partial_sync=c.partial_sync, seed=c.seed)
+                                   partial_sync=c.partial_sync, seed=c.seed, **options)
 
     def set_backend(self, name: str) -> SyncReport:
         """Switch the Service backend on the running node, as an operator switching kube-proxy's
@@ -279,7 +284,9 @@ class Lab:
                 "objects_total": last.objects_total if last else 0,
                 "last_sync_ms": round(1000 * (last.build_s + last.apply_s), 3) if last else None,
                 "last_wait_ms": round(1000 * last.apply_s, 3) if last else None,
-                "max_wait_ms": round(1000 * max((r.apply_s for r in self.syncs), default=0.0), 3)}
+                "max_wait_ms": round(1000 * max((r.apply_s for r in self.syncs), default=0.0), 3),
+                "failed": [str(f) for f in (last.detail.get("failed", ()) if last else ())],
+                "backend_stats": self.backend.statistics()}
 
     def conntrack_listing(self) -> list[str]:
         """`conntrack -L` of the node's table, now."""
