@@ -31,6 +31,7 @@ class Report:
     per_frame_ns: dict[str, float] = field(default_factory=dict)  # benchmark name -> mean ns per call
     # (backend, number of Services) -> decide_<case>_us, cost_<case>, <mode>_sync_ms, written_<mode>, ...
     services: dict[tuple[str, int], dict] = field(default_factory=dict)
+    memory: dict[tuple[str, int], int] = field(default_factory=dict)   # (backend, Services) -> bytes held
 
 
 REPORT = pytest.StashKey[Report]()
@@ -206,7 +207,7 @@ def _service_lines(report: Report) -> list[str]:
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     report = config.stash.get(REPORT, None)
-    if report is None or not (report.streams or report.per_frame_ns or report.services):
+    if report is None or not (report.streams or report.per_frame_ns or report.services or report.memory):
         return
     terminalreporter.section("podnet benchmark summary")
     if report.streams:
@@ -221,3 +222,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             terminalreporter.write_line("")
         for line in _service_lines(report):
             terminalreporter.write_line(line)
+    if report.memory:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("memory a synced backend holds (tracemalloc, Python heap), per Service with 5 endpoints")
+        sizes = sorted({n for _, n in report.memory})
+        terminalreporter.write_line(f"  {'backend':<10}" + "".join(f"{n:>14,} svc" for n in sizes))
+        for backend in sorted({b for b, _ in report.memory}):
+            cells = [report.memory.get((backend, n)) for n in sizes]
+            terminalreporter.write_line(f"  {backend:<10}" + "".join(
+                f"{(c / n / 1024):>12.1f} KiB" if c is not None else f"{'-':>16}" for c, n in zip(cells, sizes)))

@@ -39,6 +39,7 @@ masquerade, a miss is ACCEPT without DNAT, a sync installs the new endpoint and 
 from __future__ import annotations
 
 import functools
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -102,6 +103,19 @@ def packet_to(ip: str, port: int) -> PacketInfo:
     """The first packet (SYN) of a TCP connection from the client pod, as the datapath hands it over."""
     return PacketInfo(_ip(CLIENT_IP), _ip(ip), 6, 40000, port, in_iface=CLIENT_IFACE,
                       ct_state=CtState.NEW, tcp_flags=0x02, length=60)
+
+
+FRESH = 200_000  # more NEW connections than one benchmark makes: no tuple is decided twice
+
+
+def fresh_packets(ip: str, port: int, count: int = FRESH) -> list[PacketInfo]:
+    """First packets of `count` different connections to ip:port (source port, then source address,
+    varies). A backend that keeps per-connection state (IPVS's connection table, Cilium's CT map)
+    pins a tuple it has seen, so deciding the same tuple twice would measure a lookup of an
+    existing connection, not a NEW one."""
+    base = _ip(CLIENT_IP)
+    return [PacketInfo(base + i // 28000, _ip(ip), 6, 32768 + i % 28000, port, in_iface=CLIENT_IFACE,
+                       ct_state=CtState.NEW, tcp_flags=0x02, length=60) for i in range(count)]
 
 
 def endpoints_of(svc: ProxyServicePort) -> set[tuple[int, int]]:
@@ -173,7 +187,8 @@ def test_decide(benchmark, report, scale, case):
     if case == "random":
         rng = random.Random(SEED)
         picks = [ports[rng.randrange(len(ports))] for _ in range(RANDOM_TARGETS)]
-        packets = itertools.cycle([packet_to(s.cluster_ip, s.port) for s in picks])
+        packets = iter([dataclasses.replace(p, dst=_ip(s.cluster_ip), dport=s.port)
+                        for p, s in zip(fresh_packets(*MISS), itertools.cycle(picks))])
         benchmark(lambda: decide(next(packets), NOW))
         costs = []
         for svc in picks[:64]:
@@ -183,8 +198,8 @@ def test_decide(benchmark, report, scale, case):
         cost = sum(costs) / len(costs)
     else:
         svc = {"first": ports[0], "last": ports[-1], "miss": None}[case]
-        pkt = packet_to(*MISS) if svc is None else packet_to(svc.cluster_ip, svc.port)
-        decision = benchmark(decide, pkt, NOW)
+        packets = iter(fresh_packets(*MISS) if svc is None else fresh_packets(svc.cluster_ip, svc.port))
+        decision = benchmark(lambda: decide(next(packets), NOW))
         if svc is None:
             assert decision.verdict is Verdict.ACCEPT and decision.dnat is None and not decision.masquerade, decision
         else:
@@ -216,9 +231,8 @@ def update_rounds(n: int) -> int:
 def _check_serves(backend: ServiceBackend, svc: ProxyServicePort, gone: ProxyEndpoint) -> None:
     """The backend now sends the Service's connections to its new endpoint set: within 200 NEW
     connections every endpoint shows up (all five, one of them new), and the replaced one never."""
-    pkt = packet_to(svc.cluster_ip, svc.port)
     want, seen = endpoints_of(svc), set()
-    for _ in range(200):
+    for pkt in fresh_packets(svc.cluster_ip, svc.port, 200):
         decision = backend.decide(pkt, NOW)
         _assert_hit(decision, svc)
         seen.add(decision.dnat)
@@ -264,3 +278,39 @@ def test_update(benchmark, report, scale, mode):
     row[f"{mode}_sync_ms"] = ms
     row[f"written_{mode}"] = result.objects_written
     row[f"payload_{mode}"] = result.detail.get("payload_bytes")
+
+
+# --- memory per Service ----------------------------------------------------------------------------
+
+MEMORY_SIZES = tuple(n for n in SIZES if n <= 10_000)  # tracemalloc makes building 50,000 too slow
+
+
+@pytest.mark.benchmark(group="service-memory")
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("n", MEMORY_SIZES)
+def test_memory_per_service(benchmark, report, name, n):
+    """What one backend holds for n Services (5 endpoints each) once synced: Python heap traced by
+    tracemalloc, after a collection, divided by n. The ServiceBackend input (`services(n)`) is built
+    before tracing starts and is not counted."""
+    import gc
+    import tracemalloc
+    ports = services(n)
+    gc.collect()
+    box = {}
+
+    def build_traced():   # timed once; the time is tracemalloc's, not a number to read
+        tracemalloc.start()
+        try:
+            backend = make_backend(name)
+            backend.sync(ports, full=True)
+            gc.collect()
+            box["held"], _peak = tracemalloc.get_traced_memory()
+            box["backend"] = backend
+        finally:
+            tracemalloc.stop()
+
+    benchmark.pedantic(build_traced, rounds=1, iterations=1)
+    backend, held = box["backend"], box["held"]
+    benchmark.extra_info.update(bytes_held=held, bytes_per_service=held / n)
+    assert backend.decide(packet_to(ports[0].cluster_ip, ports[0].port), NOW).dnat is not None
+    report.memory[(name, n)] = held
