@@ -149,7 +149,7 @@ def _cell(value, fmt: str, width: int) -> str:
 
 def _service_lines(report: Report) -> list[str]:
     backends = sorted({backend for backend, _ in report.services})
-    lines = ["Services: deciding the first packet of a NEW connection (mean us per decide; ClusterIP",
+    lines = ["Services: deciding the first packet of a NEW connection (median us per decide; ClusterIP",
              "Services with 5 endpoints each; 'rules' is Decision.cost, the backend's unit of work)", ""]
     for backend in backends:
         rows = sorted((n, row) for (b, n), row in report.services.items() if b == backend)
