@@ -239,6 +239,10 @@ class Datapath:
         """Switch the Service backend. Established flows keep their conntrack NAT, as on a node
         whose kube-proxy changed mode; only NEW flows ask the new backend."""
         self.backend = backend
+        if backend is not None and hasattr(backend, "track_tcp_states"):
+            # this datapath reports every TCP state change of a service flow (_ct_update), so a
+            # backend that keeps its own connection states (IPVS) can follow them
+            backend.track_tcp_states = True
         self._update_xdp()
 
     def _update_xdp(self) -> None:
@@ -337,7 +341,7 @@ class Datapath:
             return flow[_OUT]
         if entry is not None:
             if not self._ct_steady(entry, flow[_DIR], now, flags, n - 14):
-                if self.conntrack.update(entry, flow[_DIR], now, tcp_flags=flags, length=n - 14) is CtState.INVALID:
+                if self._ct_update(entry, flow[_DIR], now, flags, n - 14) is CtState.INVALID:
                     self._c.drops[DropReason.CT_INVALID.value] += 1
                     return DROPPED
             if flow[_NAT] is not None:
@@ -462,8 +466,7 @@ class Datapath:
         if hit is not None:
             entry, direction = hit
             if ctx.commit:
-                state = self.conntrack.update(entry, direction, ctx.now, tcp_flags=tcp_flags,
-                                              length=info.total_length)
+                state = self._ct_update(entry, direction, ctx.now, tcp_flags, info.total_length)
                 if state is REPEAT:   # a SYN reopened a closed flow: it is a new connection
                     entry, hit = None, None
                 elif state is CtState.INVALID:
@@ -599,6 +602,18 @@ class Datapath:
             if isinstance(parsed, pk.IPv4Info):
                 return parsed
         return info
+
+    def _ct_update(self, entry: Entry, direction: int, now: float, tcp_flags: int, length: int) -> CtState:
+        """conntrack's update, and when a service flow's TCP state moves, the backend that decided
+        it hears of it (IPVS keeps its own per-connection states: active and inactive counts)."""
+        before = entry._tcp if isinstance(entry.backend, tuple) else None
+        state = self.conntrack.update(entry, direction, now, tcp_flags=tcp_flags, length=length)
+        if before is not None and entry._tcp != before and entry.state is not None:
+            backend, decision = entry.backend
+            notify = getattr(backend, "flow_state", None)
+            if notify is not None:
+                notify(decision, now, entry.state)
+        return state
 
     def _ct_destroyed(self, entry: Entry) -> None:
         """Conntrack forgot a flow: its flow-cache entries go, and its backend hears of it."""

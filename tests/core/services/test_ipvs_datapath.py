@@ -51,7 +51,11 @@ def test_a_pod_reaches_a_cluster_ip_and_the_reply_comes_from_it():
                              src_mac=WEB_MAC), web, 10.1)
     back = _ip_layer(reply[0])
     assert reply[0].port == client and (str(ipaddress.IPv4Address(back.src)), back.data.sport) == ("10.96.0.10", 80)
-    assert _dest(backend).activeconns == 1
+    # the datapath reports conntrack's TCP states, so IPVS follows the handshake as the kernel's
+    # table does: SYN_RECV counts as inactive, ESTABLISHED (after the client's ACK) as active
+    assert (_dest(backend).activeconns, _dest(backend).inactconns) == (0, 1)
+    dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40000, 80, flags=dpkt.tcp.TH_ACK), client, 10.2)
+    assert (_dest(backend).activeconns, _dest(backend).inactconns) == (1, 0)
     assert "TCP  10.96.0.10:80 rr\n  -> 10.244.0.5:8080              Masq    1      1          0" in backend.dump()
 
 
@@ -76,9 +80,9 @@ def test_a_trace_shows_the_rules_and_the_virtual_service_and_decides_nothing():
 def test_podnets_conntrack_tells_ipvs_when_a_flow_is_gone():
     dp, backend, client, _ = _node()
     dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40000, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
-    assert _dest(backend).activeconns == 1
+    assert _dest(backend).activeconns + _dest(backend).inactconns == 1
     dp.conntrack.handle_timer(10.0 + 3600)           # the unanswered SYN's conntrack entry expires
-    assert _dest(backend).activeconns == 0 and len(backend.conns) == 0
+    assert _dest(backend).activeconns + _dest(backend).inactconns == 0 and len(backend.conns) == 0
 
 
 def test_a_first_packet_the_datapath_drops_leaves_no_connection_behind():
