@@ -248,19 +248,13 @@ class NeverQueue(Scheduler):
         return least, len(svc.dests)
 
 
-class _BucketHashing(Scheduler):
-    """The 256-bucket table shared by sh and dh (CONFIG_IP_VS_{SH,DH}_TAB_BITS = 8)."""
+class _RebuiltOnChange(Scheduler):
+    """A scheduler whose lookup table is a pure function of the destination list (and weights):
+    rebuilding it once, lazily, before the next lookup gives what rebuilding it on every change
+    (as the kernel does) gives. sh, dh and mh."""
 
-    TAB_BITS = 8
-    TAB_SIZE = 1 << TAB_BITS
-    TAB_MASK = TAB_SIZE - 1
+    stale = True
 
-    def __init__(self) -> None:
-        self.buckets: list[Dest | None] = [None] * self.TAB_SIZE
-        self.stale = True
-
-    # The table is a pure function of the destination list, so rebuilding it once before the
-    # next lookup gives what rebuilding it on every change (as the kernel does) gives.
     def init_service(self, svc):
         self.stale = True
 
@@ -273,14 +267,29 @@ class _BucketHashing(Scheduler):
     def upd_dest(self, svc, dest):
         self.stale = True
 
-    def table(self, svc) -> list[Dest | None]:
+    def _refresh(self, svc) -> None:
         if self.stale:
             self._reassign(svc)
             self.stale = False
-        return self.buckets
 
     def _reassign(self, svc) -> None:
         raise NotImplementedError
+
+
+class _BucketHashing(_RebuiltOnChange):
+    """The 256-bucket table shared by sh and dh (CONFIG_IP_VS_{SH,DH}_TAB_BITS = 8)."""
+
+    TAB_BITS = 8
+    TAB_SIZE = 1 << TAB_BITS
+    TAB_MASK = TAB_SIZE - 1
+
+    def __init__(self) -> None:
+        self.buckets: list[Dest | None] = [None] * self.TAB_SIZE
+        self.stale = True
+
+    def table(self, svc) -> list[Dest | None]:
+        self._refresh(svc)
+        return self.buckets
 
 
 class SourceHashing(_BucketHashing):
@@ -359,7 +368,7 @@ MH_KEY1 = (2654435761, 2654435761)     # generate_hash_secret()
 MH_KEY2 = (2654446892, 2654446892)
 
 
-class MaglevHashing(Scheduler):
+class MaglevHashing(_RebuiltOnChange):
     """ip_vs_mh.c: each destination gets offset = h1(addr+port) % M and skip = h2(addr+port) %
     (M-1) + 1; destinations take turns (last_weight/gcd, shifted right so the largest fits in
     IP_VS_MH_TAB_BITS bits) claiming their next free preferred slot until the M slots are full.
@@ -378,24 +387,8 @@ class MaglevHashing(Scheduler):
         self.rshift = 0
         self.stale = True
 
-    # As for sh/dh: the lookup table depends only on the list and the last weights, so it is
-    # rebuilt once, lazily, after any number of changes.
-    def init_service(self, svc):
-        self.stale = True
-
-    def add_dest(self, svc, dest):
-        self.stale = True
-
-    def del_dest(self, svc, dest, index):
-        self.stale = True
-
-    def upd_dest(self, svc, dest):
-        self.stale = True
-
     def table(self, svc) -> list[Dest | None]:
-        if self.stale:
-            self._reassign(svc)
-            self.stale = False
+        self._refresh(svc)
         return self.lookup
 
     def _hashkey(self, addr: int, port: int, key: tuple[int, int], offset: int) -> int:
