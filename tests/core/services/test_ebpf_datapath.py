@@ -8,42 +8,27 @@ import ipaddress
 
 import dpkt
 
-from podnet.core.datapath import Datapath, Drop, PortKind, Transmit
+from podnet.core.datapath import Drop
 from podnet.core.packet import DropReason
 from podnet.core.services.ebpf import EbpfBackend
-from podnet.core.services.kubeproxy import ProxyEndpoint, ProxyServicePort
 from podnet.testing import frames as F
 
-CLIENT_MAC, WEB_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+from onenode import WEB_MAC, ip_layer, one_node
 
 
 def _node():
-    dp = Datapath(node_cidr="10.244.0.0/24", node_ip="192.168.1.10")
-    backend = EbpfBackend(node_ips=["192.168.1.10"], local_addresses=dp.local_addresses)
-    dp.set_backend(backend)
-    client = dp.add_port("client", PortKind.POD, CLIENT_MAC, "10.244.0.9")
-    web = dp.add_port("web", PortKind.POD, WEB_MAC, "10.244.0.5")
-    backend.sync([
-        ProxyServicePort("default", "web", "http", "TCP", "10.96.0.10", 80,
-                         endpoints=(ProxyEndpoint("10.244.0.5", 8080, is_local=True),)),
-        ProxyServicePort("default", "empty", "http", "TCP", "10.96.0.99", 80),
-    ])
-    return dp, backend, client, web
-
-
-def _ip_layer(action: Transmit) -> dpkt.ip.IP:
-    return dpkt.ethernet.Ethernet(bytes(action.frame)).data
+    return one_node(EbpfBackend)
 
 
 def test_a_pod_reaches_a_cluster_ip_and_the_reply_comes_from_it():
     dp, backend, client, web = _node()
     out = dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40000, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
     assert len(out) == 1 and out[0].port == web
-    syn = _ip_layer(out[0])
+    syn = ip_layer(out[0])
     assert (str(ipaddress.IPv4Address(syn.dst)), syn.data.dport) == ("10.244.0.5", 8080)
     reply = dp.process(F.tcp("10.244.0.5", "10.244.0.9", 8080, 40000, flags=dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK,
                              src_mac=WEB_MAC), web, 10.1)
-    back = _ip_layer(reply[0])
+    back = ip_layer(reply[0])
     assert reply[0].port == client and (str(ipaddress.IPv4Address(back.src)), back.data.sport) == ("10.96.0.10", 80)
     assert dp.statistics().decision_cost == 4 and len(backend.ct) == 2
 
@@ -52,7 +37,7 @@ def test_a_service_without_backends_is_refused_and_a_trace_names_the_map_entries
     dp, backend, client, _ = _node()
     out = dp.process(F.tcp("10.244.0.9", "10.96.0.99", 40001, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
     assert isinstance(out[-1], Drop) and out[-1].reason is DropReason.SERVICE_REJECT
-    icmp = _ip_layer(out[0]).data
+    icmp = ip_layer(out[0]).data
     assert (icmp.type, icmp.code) == (3, 3)          # destination unreachable, port unreachable
     trace = str(dp.trace(F.tcp("10.244.0.9", "10.96.0.10", 40002, 80, flags=dpkt.tcp.TH_SYN), client, 10.0))
     assert "ebpf     ACCEPT DNAT to 10.244.0.5:8080  lb4_services_v2[10.96.0.10:80/TCP slot 0] " \

@@ -9,31 +9,17 @@ import ipaddress
 
 import dpkt
 
-from podnet.core.datapath import Datapath, Drop, PortKind, Transmit
+from podnet.core.datapath import Drop
 from podnet.core.packet import DropReason
 from podnet.core.services.ipvs import IpvsBackend
 from podnet.core.services.kubeproxy import ProxyEndpoint, ProxyServicePort
 from podnet.testing import frames as F
 
-CLIENT_MAC, WEB_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+from onenode import WEB_MAC, ip_layer, one_node
 
 
 def _node(**kw):
-    dp = Datapath(node_cidr="10.244.0.0/24", node_ip="192.168.1.10")
-    backend = IpvsBackend(node_ips=["192.168.1.10"], local_addresses=dp.local_addresses, **kw)
-    dp.set_backend(backend)
-    client = dp.add_port("client", PortKind.POD, CLIENT_MAC, "10.244.0.9")
-    web = dp.add_port("web", PortKind.POD, WEB_MAC, "10.244.0.5")
-    backend.sync([
-        ProxyServicePort("default", "web", "http", "TCP", "10.96.0.10", 80,
-                         endpoints=(ProxyEndpoint("10.244.0.5", 8080, is_local=True),)),
-        ProxyServicePort("default", "empty", "http", "TCP", "10.96.0.99", 80),
-    ])
-    return dp, backend, client, web
-
-
-def _ip_layer(action: Transmit) -> dpkt.ip.IP:
-    return dpkt.ethernet.Ethernet(bytes(action.frame)).data
+    return one_node(IpvsBackend, **kw)
 
 
 def _dest(backend: IpvsBackend):
@@ -44,12 +30,12 @@ def test_a_pod_reaches_a_cluster_ip_and_the_reply_comes_from_it():
     dp, backend, client, web = _node()
     out = dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40000, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
     assert len(out) == 1 and out[0].port == web
-    syn = _ip_layer(out[0])
+    syn = ip_layer(out[0])
     assert (str(ipaddress.IPv4Address(syn.dst)), syn.data.dport) == ("10.244.0.5", 8080)
     assert str(ipaddress.IPv4Address(syn.src)) == "10.244.0.9"          # a pod source: no masquerade
     reply = dp.process(F.tcp("10.244.0.5", "10.244.0.9", 8080, 40000, flags=dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK,
                              src_mac=WEB_MAC), web, 10.1)
-    back = _ip_layer(reply[0])
+    back = ip_layer(reply[0])
     assert reply[0].port == client and (str(ipaddress.IPv4Address(back.src)), back.data.sport) == ("10.96.0.10", 80)
     # the datapath reports conntrack's TCP states, so IPVS follows the handshake as the kernel's
     # table does: SYN_RECV counts as inactive, ESTABLISHED (after the client's ACK) as active
@@ -63,7 +49,7 @@ def test_a_service_without_endpoints_and_a_wrong_port_are_refused():
     dp, backend, client, _ = _node()
     out = dp.process(F.tcp("10.244.0.9", "10.96.0.99", 40001, 80, flags=dpkt.tcp.TH_SYN), client, 10.0)
     assert isinstance(out[-1], Drop) and out[-1].reason is DropReason.SERVICE_REJECT
-    icmp = _ip_layer(out[0]).data
+    icmp = ip_layer(out[0]).data
     assert (icmp.type, icmp.code) == (3, 3)          # ip_vs_leave(): ICMP port unreachable, even for TCP
     out = dp.process(F.tcp("10.244.0.9", "10.96.0.10", 40002, 443, flags=dpkt.tcp.TH_SYN), client, 10.0)
     assert isinstance(out[-1], Drop) and out[-1].reason is DropReason.SERVICE_REJECT   # KUBE-IPVS-FILTER

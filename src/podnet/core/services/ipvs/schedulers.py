@@ -267,6 +267,27 @@ class _RebuiltOnChange(Scheduler):
     def upd_dest(self, svc, dest):
         self.stale = True
 
+    @staticmethod
+    def _probe(svc, table, size: int, slot) -> tuple[Dest | None, int]:
+        """The lookup sh and mh share: the slot for hash offset 0; if its server is unusable
+        (overloaded, weight 0) and the service has the fallback flag, the slots for offsets
+        (i + first) % size in turn, stopping at an empty one. Returns (server or None, lookups)."""
+        first = slot(0)
+        dest = table[first]
+        if dest is None:
+            return None, 1
+        if _eligible(dest):
+            return dest, 1
+        if not svc.flags & SVC_F_SCHED1:
+            return None, 1
+        for offset in range(size):
+            dest = table[slot((offset + first) % size)]
+            if dest is None:
+                break
+            if _eligible(dest):
+                return dest, offset + 2
+        return None, size + 1
+
     def _refresh(self, svc) -> None:
         if self.stale:
             self._reassign(svc)
@@ -327,22 +348,8 @@ class SourceHashing(_BucketHashing):
 
     def schedule(self, svc, pkt, commit=True):
         port = pkt.sport if svc.flags & SVC_F_SCHED2 else 0
-        buckets = self.table(svc)
-        ihash = self.hashkey(pkt.src, port, 0)
-        dest = buckets[ihash]
-        if dest is None:
-            return None, 1
-        if _eligible(dest):
-            return dest, 1
-        if not svc.flags & SVC_F_SCHED1:
-            return None, 1
-        for offset in range(self.TAB_SIZE):
-            dest = buckets[self.hashkey(pkt.src, port, (offset + ihash) % self.TAB_SIZE)]
-            if dest is None:
-                break
-            if _eligible(dest):
-                return dest, offset + 2
-        return None, self.TAB_SIZE + 1
+        return self._probe(svc, self.table(svc), self.TAB_SIZE,
+                           lambda offset: self.hashkey(pkt.src, port, offset))
 
 
 class DestinationHashing(_BucketHashing):
@@ -441,22 +448,8 @@ class MaglevHashing(_RebuiltOnChange):
     def schedule(self, svc, pkt, commit=True):
         port = pkt.sport if svc.flags & SVC_F_SCHED2 else 0
         size = self.size
-        lookup = self.table(svc)
-        ihash = self._hashkey(pkt.src, port, MH_KEY1, 0) % size
-        dest = lookup[ihash]
-        if dest is None:
-            return None, 1
-        if _eligible(dest):
-            return dest, 1
-        if not svc.flags & SVC_F_SCHED1:
-            return None, 1
-        for offset in range(size):
-            dest = lookup[self._hashkey(pkt.src, port, MH_KEY1, (offset + ihash) % size) % size]
-            if dest is None:
-                break
-            if _eligible(dest):
-                return dest, offset + 2
-        return None, size + 1
+        return self._probe(svc, self.table(svc), size,
+                           lambda offset: self._hashkey(pkt.src, port, MH_KEY1, offset) % size)
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
