@@ -929,3 +929,38 @@ def test_random_frames_never_raise_bridge():
              F.icmp_echo(A1, "10.244.1.1"), F.udp(B1, C1, src_mac=F.POD_MAC_B, dst_mac=C_MAC),
              F.udp(A1, "10.99.0.1")]
     check_robust(n.dp, [n.a, n.b, n.c], bases, seed=2, count=1000)
+
+
+def test_a_reused_client_port_whose_reply_tuple_is_taken_gets_a_new_source_port():
+    """Two Services with the same backend: a client that reuses a source port still held by a
+    TIME_WAIT-like entry towards that backend would clash on the reply tuple; like nf_nat's
+    get_unique_tuple, the datapath moves the source port instead of dropping the SYN."""
+    from podnet.core.services.base import Decision, NO_SERVICE, ServiceBackend, SyncReport
+
+    class TwoVips(ServiceBackend):
+        name = "two-vips"
+
+        def sync(self, services, *, full=True):
+            return SyncReport(full, 0, 0, 0)
+
+        def decide(self, pkt, now, *, local_source=False, effects=True):
+            if pkt.dst in (pk.ip_int("10.96.0.1"), pk.ip_int("10.96.0.2")):
+                return Decision(dnat=(pk.ip_int(B_IP), 8080))
+            return NO_SERVICE
+
+        def dump(self):
+            return ""
+
+    n = routed()
+    n.dp.set_backend(TwoVips())
+    first = n.dp.process(F.tcp(A_IP, "10.96.0.1", 40000, 80, flags=dpkt.tcp.TH_SYN), n.a, 0.0)
+    assert isinstance(first[0], Transmit)
+    second = n.dp.process(F.tcp(A_IP, "10.96.0.2", 40000, 80, flags=dpkt.tcp.TH_SYN), n.a, 1.0)
+    assert isinstance(second[0], Transmit), second           # not a ct_clash drop
+    moved = F.decode(second[0].frame).data.data
+    assert moved.dport == 8080 and moved.sport != 40000       # a new source port towards the backend
+    # and the backend's reply to the moved port comes back to the client as 10.96.0.2:80 -> :40000
+    reply = n.dp.process(F.tcp(B_IP, A_IP, 8080, moved.sport, flags=dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK,
+                               src_mac=F.POD_MAC_B), n.b, 1.1)
+    back = F.decode(reply[0].frame).data
+    assert (pk.ip_str(int.from_bytes(back.src, "big")), back.data.sport, back.data.dport) == ("10.96.0.2", 80, 40000)

@@ -560,7 +560,15 @@ class Datapath:
         """Pin a NEW flow in conntrack with its NAT (the kernel's confirm after the last hook)."""
         snat = None
         if decision.masquerade and self.node_ip is not None:
-            snat = (self.node_ip, self._masquerade_port(key, decision))
+            snat = (self.node_ip, self._source_port(key, decision, self.node_ip, decision.random_fully))
+        elif decision.dnat is not None:
+            # nf_nat's get_unique_tuple: when the reply tuple after DNAT is taken (the client reused
+            # a source port that an entry still in TIME_WAIT holds towards the same backend through
+            # another Service), the kernel moves the source port even without an SNAT rule
+            port = self._source_port(key, decision, key[1], False)
+            if port is not None and port != key[2]:
+                snat = (key[1], port)
+                ctx.step("nat", "implicit source port change", f"{key[2]} -> {port}: the reply tuple was taken")
         made = self.conntrack.new(key, ctx.now, dnat=decision.dnat, snat=snat, tcp_flags=tcp_flags,
                                   length=info.total_length, mark=decision.mark)
         if isinstance(made, Refusal):
@@ -573,18 +581,19 @@ class Datapath:
         ctx.step("conntrack", f"new flow {made.id}", f"reply tuple {_tuple_text(made.reply)}")
         return made
 
-    def _masquerade_port(self, key: tuple, decision: Decision) -> int | None:
-        """Keep the source port unless it is taken for this destination (or --random-fully)."""
+    def _source_port(self, key: tuple, decision: Decision, src: int, random_fully: bool) -> int | None:
+        """The source port a NEW flow from `src` gets: its own unless another entry's tuple already
+        holds it for this destination (or --random-fully), else a free one (nf_nat_l4proto_unique_tuple)."""
         proto, _src, sport, dst, dport = key
         if proto not in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
             return None
         if decision.dnat is not None:
             dst, dport = decision.dnat
-        if not decision.random_fully and not self.conntrack.in_use((proto, dst, dport, self.node_ip, sport)):
+        if not random_fully and not self.conntrack.in_use((proto, dst, dport, src, sport)):
             return sport
         for _ in range(64):
             port = self._rng.randint(*_EPHEMERAL)
-            if not self.conntrack.in_use((proto, dst, dport, self.node_ip, port)):
+            if not self.conntrack.in_use((proto, dst, dport, src, port)):
                 return port
         return sport  # give up: the clash check at confirm decides
 
