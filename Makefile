@@ -31,8 +31,16 @@ demo: setup
 test: setup
 	PODNET_REQUIRE_ROOT_TESTS=1 $(PY) -m pytest -q
 
+# PODNET_BENCH_REPORT=1: bench/conftest.py writes bench/results/<UTC timestamp>/ (report.md, results.json,
+# plots) and points bench/results/latest at it; `make test` leaves it unset and writes nothing
 bench: setup
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,ops,rounds
+	@before=$$(readlink bench/results/latest 2>/dev/null || true); rc=0; \
+	PODNET_BENCH_REPORT=1 $(PY) -m pytest bench -q --benchmark-only --benchmark-group-by=group \
+	  --benchmark-columns=min,median,mean,ops,rounds || rc=$$?; \
+	if [ "$$(readlink bench/results/latest 2>/dev/null || true)" != "$$before" ]; then \
+	  echo "report: $$(readlink -f bench/results/latest)/report.md"; \
+	else echo "no report written (no benchmark ran)"; fi; \
+	exit $$rc
 
 clean:
 	-@[ -x $(PY) ] && $(PY) -m podnet.cli clean || true

@@ -1,4 +1,5 @@
-"""Benchmark session rules: the TCP-stream cases need root, and the session ends with one comparison table.
+"""Benchmark session rules: the TCP-stream cases need root, and the session ends with one comparison table
+(and, with PODNET_BENCH_REPORT=1 as `make bench` sets it, a written report under bench/results/).
 
 Tests record what they measured in `report` (a `Report` kept in the pytest config's stash, so
 there is no module-level state); `pytest_terminal_summary` prints it after pytest-benchmark's own
@@ -13,32 +14,27 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+
+# bench/report.py: the Report and the writer of bench/results/ (bench/ is on sys.path, as for topologies)
+from report import PUBLISHED_IPTABLES_MS, Report, profile_of, write_run
 
 # podnet's target from the issue: at least this share of the raw two-TAP forwarder's throughput
 TARGET_SHARE = 0.70
 IS_ROOT = os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
-
-@dataclass
-class Report:
-    """What the session measured, for the summary table."""
-
-    seconds: float = 0.0
-    streams: dict[str, dict] = field(default_factory=dict)       # case -> extra_info of its benchmark
-    per_frame_ns: dict[str, float] = field(default_factory=dict)  # benchmark name -> mean ns per call
-    # (backend, number of Services) -> decide_<case>_us, cost_<case>, <mode>_sync_ms, written_<mode>, ...
-    services: dict[tuple[str, int], dict] = field(default_factory=dict)
-    memory: dict[tuple[str, int], int] = field(default_factory=dict)   # (backend, Services) -> bytes held
-
-
 REPORT = pytest.StashKey[Report]()
+
+# `make bench` sets this: write bench/results/<UTC timestamp>/ (report.md, results.json, plots) at the end
+WRITE_REPORT = os.environ.get("PODNET_BENCH_REPORT") == "1"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
 def pytest_configure(config) -> None:
-    config.stash[REPORT] = Report()
+    sizes = os.environ.get("PODNET_BENCH_SERVICE_SIZES", "100,1000,10000,50000")
+    config.stash[REPORT] = Report(profile=profile_of(int(n) for n in sizes.split(",") if n.strip()))
 
 
 @pytest.fixture
@@ -115,7 +111,7 @@ def _frame_lines(report: Report) -> list[str]:
 # Published kernel numbers, not measured here: kube-proxy iptables mode, first-packet latency p50 in ms
 # by number of Services (kubernetes.io/blog/2025/02/28/nftables-kube-proxy/, read off the chart;
 # /work/shared/reference/performance.md section 1a).
-KERNEL_IPTABLES_P50_MS = {5000: 0.047, 10000: 0.062, 30000: 0.272}
+KERNEL_IPTABLES_P50_MS = {n: v["p50"] for n, v in PUBLISHED_IPTABLES_MS.items()}
 LINEAR_R2 = 0.99   # a least-squares line through the sizes explains at least this much: "linear"
 
 
@@ -207,7 +203,7 @@ def _service_lines(report: Report) -> list[str]:
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     report = config.stash.get(REPORT, None)
-    if report is None or not (report.streams or report.per_frame_ns or report.services or report.memory):
+    if report is None or report.empty():
         return
     terminalreporter.section("podnet benchmark summary")
     if report.streams:
@@ -231,3 +227,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             cells = [report.memory.get((backend, n)) for n in sizes]
             terminalreporter.write_line(f"  {backend:<10}" + "".join(
                 f"{(c / n / 1024):>12.1f} KiB" if c is not None else f"{'-':>16}" for c, n in zip(cells, sizes)))
+    if WRITE_REPORT:
+        path = write_run(report, RESULTS_ROOT)
+        terminalreporter.write_line("")
+        terminalreporter.write_line(f"report written: {path}  (also {RESULTS_ROOT / 'latest' / 'report.md'})")

@@ -1,0 +1,104 @@
+"""bench/report.py, the writer behind `make bench`'s bench/results/<timestamp>/: fed a small hand-made
+Report, it writes results.json with the keys bench/README.md documents, report.md with the seed's
+tables, and real PNG plots, and points `latest` at the run. No root, no benchmark, well under a second
+of work besides importing matplotlib."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+BENCH_REPORT = Path(__file__).resolve().parent.parent / "bench" / "report.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def writer():
+    """bench/report.py loaded under its own name (bench/ is no package, and `report` is too common a name)."""
+    spec = importlib.util.spec_from_file_location("podnet_bench_report", BENCH_REPORT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def small_report(writer):
+    report = writer.Report(seconds=3, profile="quick")
+    for backend, slope in (("iptables", 0.2), ("ipvs", 0.0), ("ebpf", 0.0)):
+        for n in (100, 1000):
+            report.services[(backend, n)] = {
+                "decide_first_us": 10.0, "decide_last_us": 10 + slope * n, "decide_random_us": 10 + slope * n / 2,
+                "decide_miss_us": 12 + slope * n, "cost_miss": n + 11, "initial_sync_ms": n * 0.5,
+                "rules_total": n * 17, "full_sync_ms": n * 0.4, "partial_sync_ms": n * 0.05 + 1,
+                "written_full": n * 17, "written_partial": n + 25}
+            report.memory[(backend, n)] = n * 4096
+    report.per_frame_ns.update({"fast-path[tcp-1514]": 1856.0, "frame-reset[tcp-1514]": 84.0,
+                                "slow-path[tcp-1514]": 13731.0, "parse_ipv4[tcp-1514]": 1208.0})
+    report.streams["kernel-veth"] = {"gbps": 23.77, "retransmits": 5}
+    report.streams["podnet-offloads"] = {"gbps": 17.23, "retransmits": 0, "forwarder_cpu": 0.77,
+                                         "forwarder_frames": 426438, "user_us_per_frame": 5.86,
+                                         "sys_us_per_frame": 8.51}
+    return report
+
+
+# the keys bench/README.md ("The written report") promises
+DOCUMENTED = {"schema", "written_utc", "machine", "commit", "profile", "service_sizes", "decision_us",
+              "decision_us_by_case", "update_ms", "rules_total", "first_packet_ms", "throughput_gbps", "streams",
+              "memory_kib_per_service", "fastpath_ns", "kernel", "published", "not_measured"}
+
+
+def test_writes_results_report_and_plots(writer, tmp_path):
+    when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    path = writer.write_run(small_report(writer), tmp_path, written=when,
+                            machine={"cpu": "Test CPU", "cores": 2, "kernel": "6.1.0-test", "python": "3.11.2"},
+                            commit={"sha": "0" * 40, "short": "0" * 12, "dirty": True})
+    run = tmp_path / "20250102T030405Z"
+    assert path == run / "report.md"
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "latest").resolve() == run.resolve()
+
+    data = json.loads((run / "results.json").read_text())
+    assert set(data) == DOCUMENTED == set(writer.RESULT_KEYS)
+    assert data["profile"] == "quick" and data["commit"]["dirty"] is True
+    assert set(data["machine"]) >= {"cpu", "cores", "kernel", "python"}
+    assert data["decision_us"]["iptables"] == {"100": 20.0, "1000": 110.0}
+    assert data["update_ms"]["ipvs"]["full"]["1000"] == 400.0
+    assert data["update_ms"]["iptables"]["partial"]["100"] == 6.0
+    assert data["memory_kib_per_service"]["ebpf"]["100"] == 4.0
+    assert data["throughput_gbps"] == {"kernel-veth": 23.77, "podnet-offloads": 17.23}
+    assert data["fastpath_ns"]["tcp-1514"]["fast-path-net"] == 1772.0
+    assert data["first_packet_ms"] == {} and data["kernel"] == {}
+    assert data["published"]["iptables_first_packet_ms"]["30000"]["p50"] == 0.272
+
+    md = path.read_text()
+    assert "Test CPU" in md and "0" * 40 in md and "quick" in md
+    assert "| Service count | iptables update | IPVS update | eBPF update |" in md
+    assert "| Service count | iptables (µs) | IPVS (µs) | eBPF (µs) | **published** kernel iptables" in md
+    assert "| 1,000 | 51.0 / 400.0 |" in md     # partial / full
+    assert "| 30,000 | — | — | — | 272 / 714 |" in md
+    assert "| podnet-offloads | 17.23 | 77% |" in md
+    assert "How to read" in md and "not measured yet" in md
+    for png in writer.PLOTS.values():
+        assert f"]({png})" in md
+        assert (run / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_second_run_moves_latest_and_empty_sections_are_said(writer, tmp_path):
+    when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    machine, commit = {"cpu": "x", "cores": 1, "kernel": "k", "python": "p"}, {"sha": None, "dirty": None}
+    writer.write_run(small_report(writer), tmp_path, written=when, machine=machine, commit=commit)
+    only_fastpath = writer.Report(per_frame_ns={"fast-path[udp-64]": 1500.0})
+    path = writer.write_run(only_fastpath, tmp_path, written=when, machine=machine, commit=commit)
+    assert path.parent.name == "20250102T030405Z-2" and (tmp_path / "latest").resolve() == path.parent.resolve()
+    md = path.read_text()
+    assert "Not run in this session" in md and not (path.parent / "throughput.png").exists()
+    assert json.loads((path.parent / "results.json").read_text())["decision_us"] == {}
