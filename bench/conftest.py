@@ -200,6 +200,26 @@ def _service_lines(report: Report) -> list[str]:
     return lines
 
 
+def _kernel_lines(report: Report) -> list[str]:
+    """bench/test_kernel.py: the same kube-proxy rules in the real kernel, beside podnet's iptables backend."""
+    version = next((row["iptables"] for row in report.kernel.values() if "iptables" in row), "iptables")
+    lines = [f"the kernel as the anchor: the same kube-proxy rules loaded with iptables-restore ({version}); "
+             "kernel IPVS is not available on these machines",
+             f"  {'Services':>8}  {'rules':>9}  {'kernel restore (s)':>18}  {'legacy restore (s)':>18}  {'podnet full sync (ms)':>21}  "
+             f"{'kernel first packet p50/p90/p99 (ms)':>36}  {'podnet decide (us)':>18}"]
+    for n, row in sorted(report.kernel.items()):
+        podnet = report.services.get(("iptables", n), {})
+        fp = row.get("first_packet_ms")
+        lines.append(f"  {n:>8,}  {_cell(row.get('rules'), ',.0f', 9)}  {_cell(row.get('restore_s'), ',.3f', 18)}  "
+                     f"{_cell(row.get('restore_legacy_s'), ',.3f', 18)}  "
+                     f"{_cell(podnet.get('full_sync_ms'), ',.1f', 21)}  "
+                     + (f"{fp['p50']:>12.3f}{fp['p90']:>12.3f}{fp['p99']:>12.3f}" if fp else f"{'-':>36}")
+                     + f"  {_cell(podnet.get('decide_random_us'), ',.2f', 18)}")
+    lines.append("  first packet = connect() time (SYN -> SYN/ACK) to the last Service in KUBE-SERVICES, through a "
+                 "router netns (rules loaded with iptables-legacy-restore when installed);\n  podnet's decide us is only the backend's decision, not an end-to-end latency")
+    return lines
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     report = config.stash.get(REPORT, None)
@@ -227,6 +247,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             cells = [report.memory.get((backend, n)) for n in sizes]
             terminalreporter.write_line(f"  {backend:<10}" + "".join(
                 f"{(c / n / 1024):>12.1f} KiB" if c is not None else f"{'-':>16}" for c, n in zip(cells, sizes)))
+    if report.kernel:
+        terminalreporter.write_line("")
+        for line in _kernel_lines(report):
+            terminalreporter.write_line(line)
     if WRITE_REPORT:
         path = write_run(report, RESULTS_ROOT)
         terminalreporter.write_line("")

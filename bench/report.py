@@ -43,9 +43,12 @@ class Report:
     services: dict[tuple[str, int], dict] = field(default_factory=dict)
     memory: dict[tuple[str, int], int] = field(default_factory=dict)   # (backend, Services) -> bytes held
     profile: str = "quick"   # "full" when the Service sizes cover FULL_SIZES (see profile_of)
+    # number of Services -> {"restore_s", "rules", "iptables", "first_packet_ms": {"p50", "p90", "p99", ...}}
+    # from bench/test_kernel.py: the same rule sets loaded into the real kernel
+    kernel: dict[int, dict] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.streams or self.per_frame_ns or self.services or self.memory)
+        return not (self.streams or self.per_frame_ns or self.services or self.memory or self.kernel)
 
 
 def profile_of(sizes) -> str:
@@ -154,10 +157,32 @@ def results(report: Report, machine: dict, commit: dict, written: datetime) -> d
         "memory_kib_per_service": _by_backend({(b, n): round(held / n / 1024, 3)
                                                for (b, n), held in report.memory.items()}),
         "fastpath_ns": fastpath,
-        "kernel": {},
+        "kernel": _kernel(report),
         "published": PUBLISHED,
-        "not_measured": NOT_MEASURED,
+        "not_measured": {key: text for key, text in NOT_MEASURED.items() if not (key == "kernel" and report.kernel)},
     }
+
+
+KERNEL_IPVS = "not available on these machines"
+
+
+def _kernel(report: Report) -> dict:
+    """results.json's "kernel": {} when bench/test_kernel.py did not run."""
+    if not report.kernel:
+        return {}
+    rows = sorted(report.kernel.items())
+    out: dict = {
+        "restore_s": {str(n): round(r["restore_s"], 4) for n, r in rows if "restore_s" in r},
+        "restore_legacy_s": {str(n): round(r["restore_legacy_s"], 4) for n, r in rows if "restore_legacy_s" in r},
+        "rules": {str(n): r["rules"] for n, r in rows if "rules" in r},
+        "first_packet_ms": {str(n): {q: round(r["first_packet_ms"][q], 4) for q in ("p50", "p90", "p99")}
+                            for n, r in rows if "first_packet_ms" in r},
+        "iptables": next((r["iptables"] for _, r in rows if "iptables" in r), None),
+        "first_packet_loader": next((r["first_packet_ms"].get("loader") for _, r in rows if "first_packet_ms" in r),
+                                    None),
+        "ipvs": KERNEL_IPVS,
+    }
+    return out
 
 
 # --- report.md ---------------------------------------------------------------------------------------
@@ -222,8 +247,10 @@ def _markdown(data: dict, plots: dict[str, str]) -> str:
         lines += ["Published kernel numbers for one update do not exist in a comparable form: "
                   "performance.md §1c gives end-to-end network-programming latency at 5,000 nodes (KEP-3453: "
                   "p50 ~27 s → ~13 s with partial sync), which includes minSyncPeriod and the API path. "
-                  "The kernel's own iptables-restore time for these rule sets is not measured yet "
-                  "(`kernel` in results.json is empty).", ""]
+                  + ("The kernel's own iptables-restore time for these rule sets is in \"The kernel as the "
+                     "anchor\" below." if data["kernel"] else
+                     "The kernel's own iptables-restore time for these rule sets is not measured in this run "
+                     "(`kernel` in results.json is empty)."), ""]
         if "update" in plots:
             lines += [f"![update cost vs Services]({plots['update']})", ""]
 
@@ -281,7 +308,39 @@ def _markdown(data: dict, plots: dict[str, str]) -> str:
                         [[kind] + [_num(v.get(name), ",.0f") for name in names]
                          for kind, v in sorted(data["fastpath_ns"].items())])
 
-    lines += ["## Not measured yet", ""] + [f"- `{key}`: {text}" for key, text in NOT_MEASURED.items()] + [""]
+    kernel = data["kernel"]
+    if kernel:
+        sizes = sorted({int(n) for key in ("restore_s", "restore_legacy_s", "first_packet_ms")
+                        for n in kernel.get(key, {})})
+        ipt = (data["update_ms"].get("iptables") or {}).get("full", {})
+        dec = data["decision_us"].get("iptables", {})
+        rows = []
+        for n in sizes:
+            fp = kernel.get("first_packet_ms", {}).get(str(n))
+            pub = PUBLISHED_IPTABLES_MS.get(n)
+            rows.append([f"{n:,}", _num(kernel.get("rules", {}).get(str(n)), ",.0f"),
+                         _num(kernel.get("restore_s", {}).get(str(n)), ",.3f"),
+                         _num(kernel.get("restore_legacy_s", {}).get(str(n)), ",.3f"),
+                         _num(ipt.get(str(n)), ",.1f"),
+                         " / ".join(_num(fp.get(q), ",.3f") for q in ("p50", "p90", "p99")) if fp else "—",
+                         _num(dec.get(str(n)), ",.2f"),
+                         f"{pub['p50']:.3f} / {pub['p99']:.3f}" if pub else "—"])
+        lines += ["## The kernel as the anchor (measured in this run)", ""]
+        lines += _table(["Service count", "rules loaded", "kernel iptables-restore (s)",
+                         "kernel iptables-legacy-restore (s)", "podnet iptables full sync (ms)",
+                         "kernel first packet p50 / p90 / p99 (ms)", "podnet iptables decide (µs)",
+                         "**published** kernel p50 / p99 (ms)"], rows)
+        lines += [f"The same Services' kube-proxy rules (`jump_rules_restore()` + a full sync payload) loaded "
+                  f"with `ip netns exec NS iptables-restore --noflush` ({kernel.get('iptables') or 'iptables'}) "
+                  "into a fresh namespace, and with `iptables-legacy-restore` where installed (\"—\" for the "
+                  "default one above 1,000 Services: it takes minutes there, run with PODNET_BENCH_FULL=1); "
+                  "the first packet is the wall time of `connect()` (SYN → DNAT → SYN/ACK) from a client netns "
+                  f"through a router netns holding the rules (loaded with {kernel.get('first_packet_loader')}) to the LAST "
+                  "Service in KUBE-SERVICES' order, over veth pairs. podnet's decide µs is only the backend's "
+                  "decision in Python, not an end-to-end latency, so it is not comparable with the kernel's "
+                  f"round trip; compare shapes. Kernel IPVS: {kernel.get('ipvs')}, so only iptables is anchored.",
+                  ""]
+    lines += ["## Not measured yet", ""] + [f"- `{key}`: {text}" for key, text in data["not_measured"].items()] + [""]
     if not plots:
         lines += ["(No plots: matplotlib is not installed; `make setup` installs it.)", ""]
     return "\n".join(lines)

@@ -102,3 +102,19 @@ def test_second_run_moves_latest_and_empty_sections_are_said(writer, tmp_path):
     md = path.read_text()
     assert "Not run in this session" in md and not (path.parent / "throughput.png").exists()
     assert json.loads((path.parent / "results.json").read_text())["decision_us"] == {}
+
+
+def test_kernel_anchor_goes_into_results_and_report(writer, tmp_path):
+    report = small_report(writer)
+    report.kernel[1000] = {"restore_s": 0.25, "restore_legacy_s": 0.1, "rules": 17000, "iptables": "iptables-restore v1.8.9 (nf_tables)",
+                           "first_packet_ms": {"p50": 0.05, "p90": 0.08, "p99": 0.2, "mean": 0.06}}
+    machine, commit = {"cpu": "x", "cores": 1, "kernel": "k", "python": "p"}, {"sha": None, "dirty": None}
+    path = writer.write_report(report, tmp_path, machine=machine, commit=commit)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["kernel"]["restore_s"] == {"1000": 0.25} and data["kernel"]["rules"] == {"1000": 17000}
+    assert data["kernel"]["first_packet_ms"]["1000"] == {"p50": 0.05, "p90": 0.08, "p99": 0.2}
+    assert data["kernel"]["ipvs"] == "not available on these machines"
+    assert "kernel" not in data["not_measured"]
+    md = path.read_text()
+    assert "## The kernel as the anchor" in md and "| 1,000 | 17,000 | 0.250 | 0.100 | 400.0 | 0.050 / 0.080 / 0.200 |" in md
+    assert "not an end-to-end latency" in md and "not available on these machines" in md
