@@ -363,7 +363,8 @@ class Datapath:
         description = pk.describe(frame)
         ctx = _Ctx(now, commit=False, steps=[])
         if self._xdp_ports and in_port in self._xdp_ports:
-            verdict = str(getattr(self._xdp(frame), "value", self._xdp(frame)))
+            action = self._xdp(frame)
+            verdict = str(getattr(action, "value", action))
             ctx.step("xdp", verdict, f"{self.backend.name} program on the uplink")
             if verdict == "XDP_DROP":
                 port = self._ports.get(in_port)
@@ -732,7 +733,8 @@ class Datapath:
             self._next_sweep = now + _FLOW_SWEEP_INTERVAL_S if self._flows else None
         if self.bridge is not None:
             self.bridge.expire(now)
-        if self.conntrack.next_deadline() is not None and self.conntrack.next_deadline() <= now:
+        due = self.conntrack.next_deadline()
+        if due is not None and due <= now:
             self.conntrack.handle_timer(now)
         if self.backend is not None:
             deadline = self.backend.next_deadline()
