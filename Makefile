@@ -32,10 +32,13 @@ test: setup
 	PODNET_REQUIRE_ROOT_TESTS=1 $(PY) -m pytest -q
 
 # PODNET_BENCH_REPORT=1: bench/conftest.py writes bench/results/<UTC timestamp>/ (report.md, results.json,
-# plots) and points bench/results/latest at it; `make test` leaves it unset and writes nothing
+# plots) and points bench/results/latest at it; `make test` leaves it unset and writes nothing.
+# `make bench` is the quick profile (100, 1,000 and 10,000 Services); `make bench FULL=1` the full one
+# (adds 50,000 Services and the kernel's slow nf_tables loads: expect well over half an hour)
+FULL ?=
 bench: setup
 	@before=$$(readlink bench/results/latest 2>/dev/null || true); rc=0; \
-	PODNET_BENCH_REPORT=1 $(PY) -m pytest bench -q --benchmark-only --benchmark-group-by=group \
+	PODNET_BENCH_FULL=$(if $(filter 1 yes true,$(FULL)),1,0) PODNET_BENCH_REPORT=1 $(PY) -m pytest bench -q --benchmark-only --benchmark-group-by=group \
 	  --benchmark-columns=min,median,mean,ops,rounds || rc=$$?; \
 	if [ "$$(readlink bench/results/latest 2>/dev/null || true)" != "$$before" ]; then \
 	  echo "report: $$(readlink -f bench/results/latest)/report.md"; \

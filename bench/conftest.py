@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 # bench/report.py: the Report and the writer of bench/results/ (bench/ is on sys.path, as for topologies)
-from report import PUBLISHED_IPTABLES_MS, Report, profile_of, write_run
+from report import PUBLISHED_IPTABLES_MS, Report, bench_profile, write_run
 
 # podnet's target from the issue: at least this share of the raw two-TAP forwarder's throughput
 TARGET_SHARE = 0.70
@@ -33,8 +33,8 @@ RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
 def pytest_configure(config) -> None:
-    sizes = os.environ.get("PODNET_BENCH_SERVICE_SIZES", "100,1000,10000,50000")
-    config.stash[REPORT] = Report(profile=profile_of(int(n) for n in sizes.split(",") if n.strip()))
+    profile, _ = bench_profile()
+    config.stash[REPORT] = Report(profile=profile)
 
 
 @pytest.fixture

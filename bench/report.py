@@ -22,13 +22,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results"
-FULL_SIZES = (100, 1000, 10000, 50000)   # the Service counts of the issue; all of them is "full"
-SCHEMA_VERSION = 1
+FULL_SIZES = (100, 1000, 10000, 50000)   # the Service counts of the issue: the full profile
+QUICK_SIZES = (100, 1000, 10000)          # the quick profile, `make bench`'s default (under 10 minutes on 2 cores)
+SCHEMA_VERSION = 2   # 2: per-backend first_packet_ms / throughput_gbps, connects_per_s, throughput, socket_lb, churn
 # the keys results.json always has (bench/README.md documents each)
 RESULT_KEYS = ("schema", "written_utc", "machine", "commit", "profile", "service_sizes", "decision_us",
-               "decision_us_by_case", "update_ms", "rules_total", "first_packet_ms", "throughput_gbps",
-               "streams", "memory_kib_per_service", "fastpath_ns", "kernel", "published", "not_measured")
-PLOTS = {"decision": "decision.png", "update": "update.png", "throughput": "throughput.png"}
+               "decision_us_by_case", "update_ms", "rules_total", "first_packet_ms", "connects_per_s",
+               "throughput_gbps", "throughput", "socket_lb", "churn", "streams", "memory_kib_per_service",
+               "fastpath_ns", "kernel", "published", "not_measured")
+PLOTS = {"decision": "decision.png", "update": "update.png", "first_packet": "first_packet.png",
+         "throughput": "throughput.png", "churn": "churn.png"}
 BACKEND_TITLES = {"iptables": "iptables", "ipvs": "IPVS", "ebpf": "eBPF"}
 
 
@@ -42,17 +45,48 @@ class Report:
     # (backend, number of Services) -> decide_<case>_us, cost_<case>, <mode>_sync_ms, written_<mode>, ...
     services: dict[tuple[str, int], dict] = field(default_factory=dict)
     memory: dict[tuple[str, int], int] = field(default_factory=dict)   # (backend, Services) -> bytes held
-    profile: str = "quick"   # "full" when the Service sizes cover FULL_SIZES (see profile_of)
+    profile: str = "quick"   # "quick", "full" or "custom" (see bench_profile)
     # number of Services -> {"restore_s", "rules", "iptables", "first_packet_ms": {"p50", "p90", "p99", ...}}
     # from bench/test_kernel.py: the same rule sets loaded into the real kernel
     kernel: dict[int, dict] = field(default_factory=dict)
+    # (backend, number of Services) -> {"connects_per_s", "first_packet_ms": {"p50", "p90", "p99", "mean"},
+    # "connects", "failed", ...}: new TCP connections from a client pod to a Service through TAPs
+    # (bench/test_dataplane.py)
+    dataplane: dict[tuple[str, int], dict] = field(default_factory=dict)
+    # (backend, case) -> extra_info: established-flow throughput through a Service, e.g.
+    # ("iptables", "tcp-offloads") -> {"gbps", ...}, ("ipvs", "udp64-no-offloads") -> {"pps", ...}
+    throughput: dict[tuple[str, str], dict] = field(default_factory=dict)
+    # "on" / "off" -> the eBPF backend's socket-LB analogue for same-node Service traffic
+    socket_lb: dict[str, dict] = field(default_factory=dict)
+    # (backend, "prestop" | "no-prestop") -> a rolling update of a 100-replica Deployment
+    # (bench/test_churn.py): probe stall, failed connections, ...
+    churn: dict[tuple[str, str], dict] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.streams or self.per_frame_ns or self.services or self.memory or self.kernel)
+        return not (self.streams or self.per_frame_ns or self.services or self.memory or self.kernel
+                    or self.dataplane or self.throughput or self.socket_lb or self.churn)
 
 
 def profile_of(sizes) -> str:
     return "full" if set(FULL_SIZES) <= set(sizes) else "quick"
+
+
+def bench_profile(environ=os.environ) -> tuple[str, tuple[int, ...]]:
+    """The run's profile and Service counts: `quick` (QUICK_SIZES) unless PODNET_BENCH_FULL=1
+    (`make bench FULL=1`: FULL_SIZES, and the kernel group's slow sizes); PODNET_BENCH_SERVICE_SIZES,
+    comma-separated, overrides the sizes of either (the profile is then `custom`, or `full` if they
+    cover FULL_SIZES)."""
+    full = environ.get("PODNET_BENCH_FULL") == "1"
+    given = environ.get("PODNET_BENCH_SERVICE_SIZES", "").strip()
+    if given:
+        try:
+            sizes = tuple(sorted({int(n) for n in given.split(",") if n.strip()}))
+        except ValueError:
+            raise ValueError(f"PODNET_BENCH_SERVICE_SIZES={given!r}: expected comma-separated integers") from None
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"PODNET_BENCH_SERVICE_SIZES={given!r}: expected positive integers")
+        return ("full" if set(FULL_SIZES) <= set(sizes) else "custom"), sizes
+    return ("full", FULL_SIZES) if full else ("quick", QUICK_SIZES)
 
 
 # Published kernel numbers, NOT measured here: kube-proxy iptables mode, latency of the reply to the
@@ -73,11 +107,16 @@ PUBLISHED = {
     "nftables_ipvs": "flat in the number of Services; nftables p99 at 30,000 Services is below "
                      "iptables p01 (~0.040 ms); IPVS about the same as nftables",
 }
+# results.json key -> why it is empty, for each group that did not run in this session
 NOT_MEASURED = {
-    "first_packet_ms": "first-packet latency on real traffic through TAPs (p50/p90/p99 per backend and "
-                       "Service count) is not measured yet (issue 5, item 2)",
-    "kernel": "the same rule sets in the real kernel (iptables-restore time, first-packet latency) are "
-              "not measured yet (issue 5, item 6); kernel IPVS is not available on these machines",
+    "first_packet_ms": "the dataplane group (bench/test_dataplane.py: new connections through TAPs to a "
+                       "Service, per backend) did not run: it needs root, /dev/net/tun",
+    "throughput": "the dataplane throughput group (one TCP stream and 64-byte UDP through a Service, per "
+                  "backend) did not run: it needs root, /dev/net/tun and iperf3",
+    "socket_lb": "the socket-lb group (eBPF socket-LB analogue on and off) did not run",
+    "churn": "the churn group (bench/test_churn.py: rolling update of a Deployment) did not run",
+    "kernel": "the kernel group (bench/test_kernel.py: the same rules in the real kernel) did not run; "
+              "kernel IPVS is not available on these machines",
 }
 
 
@@ -151,16 +190,43 @@ def results(report: Report, machine: dict, commit: dict, written: datetime) -> d
         "decision_us_by_case": decision_by_case,
         "update_ms": update,
         "rules_total": _by_backend({k: r["rules_total"] for k, r in rows.items() if "rules_total" in r}),
-        "first_packet_ms": {},
-        "throughput_gbps": {case: round(info["gbps"], 4) for case, info in report.streams.items()},
+        "first_packet_ms": {b: {n: _quantiles(row["first_packet_ms"]) for n, row in sizes.items()}
+                            for b, sizes in _nested(report.dataplane, "first_packet_ms").items()},
+        "connects_per_s": {b: {n: round(row["connects_per_s"], 1) for n, row in sizes.items()}
+                           for b, sizes in _nested(report.dataplane, "connects_per_s").items()},
+        # the issue's {backend: value}: one TCP stream through a Service, offloads on
+        "throughput_gbps": {b: round(cases["tcp-offloads"]["gbps"], 4)
+                            for b, cases in _nested(report.throughput).items()
+                            if "gbps" in cases.get("tcp-offloads", {})},
+        "throughput": {b: dict(sorted(cases.items())) for b, cases in _nested(report.throughput).items()},
+        "socket_lb": dict(sorted(report.socket_lb.items())),
+        "churn": {b: dict(sorted(variants.items())) for b, variants in _nested(report.churn).items()},
         "streams": report.streams,
         "memory_kib_per_service": _by_backend({(b, n): round(held / n / 1024, 3)
                                                for (b, n), held in report.memory.items()}),
         "fastpath_ns": fastpath,
         "kernel": _kernel(report),
         "published": PUBLISHED,
-        "not_measured": {key: text for key, text in NOT_MEASURED.items() if not (key == "kernel" and report.kernel)},
+        "not_measured": {key: text for key, text in NOT_MEASURED.items() if not _ran(report, key)},
     }
+
+
+def _ran(report: Report, key: str) -> bool:
+    return bool({"first_packet_ms": report.dataplane, "throughput": report.throughput,
+                 "socket_lb": report.socket_lb, "churn": report.churn, "kernel": report.kernel}[key])
+
+
+def _nested(pairs: dict[tuple, dict], needs: str | None = None) -> dict[str, dict[str, dict]]:
+    """{(backend, key): row} -> {backend: {str(key): row}}, keeping rows that have `needs`."""
+    out: dict[str, dict[str, dict]] = {}
+    for (backend, key), row in sorted(pairs.items(), key=lambda kv: (kv[0][0], str(kv[0][1]).zfill(12))):
+        if needs is None or needs in row:
+            out.setdefault(backend, {})[str(key)] = row
+    return out
+
+
+def _quantiles(values: dict) -> dict:
+    return {q: round(values[q], 4) for q in ("p50", "p90", "p99", "mean") if q in values}
 
 
 KERNEL_IPVS = "not available on these machines"
@@ -175,8 +241,9 @@ def _kernel(report: Report) -> dict:
         "restore_s": {str(n): round(r["restore_s"], 4) for n, r in rows if "restore_s" in r},
         "restore_legacy_s": {str(n): round(r["restore_legacy_s"], 4) for n, r in rows if "restore_legacy_s" in r},
         "rules": {str(n): r["rules"] for n, r in rows if "rules" in r},
-        "first_packet_ms": {str(n): {q: round(r["first_packet_ms"][q], 4) for q in ("p50", "p90", "p99")}
-                            for n, r in rows if "first_packet_ms" in r},
+        "first_packet_ms": {str(n): _quantiles(r["first_packet_ms"]) for n, r in rows if "first_packet_ms" in r},
+        "throughput_gbps": {str(n): round(r["throughput_gbps"], 4) for n, r in rows if "throughput_gbps" in r},
+        "udp64_pps": {str(n): round(r["udp64_pps"]) for n, r in rows if "udp64_pps" in r},
         "iptables": next((r["iptables"] for _, r in rows if "iptables" in r), None),
         "first_packet_loader": next((r["first_packet_ms"].get("loader") for _, r in rows if "first_packet_ms" in r),
                                     None),
@@ -185,233 +252,16 @@ def _kernel(report: Report) -> dict:
     return out
 
 
-# --- report.md ---------------------------------------------------------------------------------------
+# --- shared by report_md.py and report_plots.py ---------------------------------------------------------
 
-def _ordered(backends) -> list[str]:
+def ordered(backends) -> list[str]:
     """The seed's column order (iptables, IPVS, eBPF), then any backend added later."""
     known = [b for b in BACKEND_TITLES if b in backends]
     return known + sorted(set(backends) - set(known))
 
 
-def _title(backend: str) -> str:
+def title(backend: str) -> str:
     return BACKEND_TITLES.get(backend, backend)
-
-
-def _num(value, fmt: str = ",.1f") -> str:
-    return "—" if value is None else format(value, fmt)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
-
-
-def _markdown(data: dict, plots: dict[str, str]) -> str:
-    m, c = data["machine"], data["commit"]
-    dirty = {True: " (working tree dirty: uncommitted changes were measured)", False: " (clean tree)",
-             None: ""}[c.get("dirty")]
-    lines = [f"# podnet benchmark report — {data['written_utc']}", "",
-             f"- **machine**: {m.get('cpu')}, {m.get('cores')} cores, kernel {m.get('kernel')}, "
-             f"Python {m.get('python')}",
-             f"- **commit**: `{c.get('sha') or 'unknown'}`{dirty}",
-             f"- **profile**: {data['profile']} (Service counts measured: "
-             f"{', '.join(f'{n:,}' for n in data['service_sizes']) or 'none'})", "",
-             "Every number in this report was measured in this one run on this machine, except the columns "
-             "and rows marked **published**: those are kube-proxy on a real kernel, from "
-             f"{PUBLISHED['source']}, and are printed for scale only. The raw numbers are in "
-             "`results.json` beside this file.", "",
-             "## How to read", "",
-             "podnet's Service backends are Python models of kube-proxy's iptables and IPVS modes and of "
-             "Cilium's eBPF maps. **decision** is the median time one backend takes to decide the first "
-             "packet (SYN) of a NEW connection to a random Service — what every new connection pays; "
-             "established flows skip it. **update** is the wall time of one `sync` after one endpoint of "
-             "one Service changed: the datapath waits that long. For iptables, *partial* is kube-proxy's "
-             "partial restore, which still rewrites `KUBE-SERVICES` (one rule per Service). The seed "
-             "claims iptables is O(N) in both and IPVS/eBPF O(1): look for the iptables line's slope of 1 "
-             "on the log-log plot and flat lines for the others. podnet's times are Python's, so compare "
-             "*shapes* with the published kernel numbers, not absolute values. Small sizes are averaged "
-             "over many calls; sync times from 10,000 Services up are single rounds.", ""]
-
-    backends = _ordered(set(data["decision_us"]) | set(data["update_ms"]))
-    if backends:
-        lines += ["## Service update: one endpoint change (ms; partial sync / full sync)", ""]
-        sizes = sorted({int(n) for b in data["update_ms"].values() for mode in b.values() for n in mode})
-        rows = []
-        for n in sizes:
-            row = [f"{n:,}"]
-            for b in backends:
-                modes = data["update_ms"].get(b, {})
-                row.append(f"{_num(modes.get('partial', {}).get(str(n)))} / {_num(modes.get('full', {}).get(str(n)))}")
-            rows.append(row)
-        lines += _table(["Service count"] + [f"{_title(b)} update" for b in backends], rows)
-        lines += ["Published kernel numbers for one update do not exist in a comparable form: "
-                  "performance.md §1c gives end-to-end network-programming latency at 5,000 nodes (KEP-3453: "
-                  "p50 ~27 s → ~13 s with partial sync), which includes minSyncPeriod and the API path. "
-                  + ("The kernel's own iptables-restore time for these rule sets is in \"The kernel as the "
-                     "anchor\" below." if data["kernel"] else
-                     "The kernel's own iptables-restore time for these rule sets is not measured in this run "
-                     "(`kernel` in results.json is empty)."), ""]
-        if "update" in plots:
-            lines += [f"![update cost vs Services]({plots['update']})", ""]
-
-        lines += ["## New-connection decision (median µs per decide, a random Service)", ""]
-        measured = sorted({int(n) for b in data["decision_us"].values() for n in b})
-        rows = []
-        for n in sorted(set(measured) | set(PUBLISHED_IPTABLES_MS)):
-            pub = PUBLISHED_IPTABLES_MS.get(n)
-            row = [f"{n:,}"] + [_num(data["decision_us"].get(b, {}).get(str(n)), ",.2f") for b in backends]
-            row.append(f"{pub['p50'] * 1000:,.0f} / {pub['p99'] * 1000:,.0f}" if pub else "—")
-            rows.append(row)
-        lines += _table(["Service count"] + [f"{_title(b)} (µs)" for b in backends]
-                        + ["**published** kernel iptables p50 / p99 (µs, not measured here)"], rows)
-        lines += ["The published column is the kernel's end-to-end reply latency to a first packet, "
-                  "nftables and IPVS published as flat; podnet's columns are only the backend's decision, not a "
-                  "round trip. podnet's own first-packet latency on real traffic through TAPs is not measured "
-                  "yet (`first_packet_ms` in results.json is empty).", ""]
-        by_case = data["decision_us_by_case"]
-        if any("miss" in cases for cases in by_case.values()):
-            rows = [[f"{n:,}"] + [_num(by_case.get(b, {}).get("miss", {}).get(str(n)), ",.2f") for b in backends]
-                    for n in measured]
-            lines += ["Worst case, an address in the Service CIDR that is no Service (every rule walked):", ""]
-            lines += _table(["Service count"] + [f"{_title(b)} miss (µs)" for b in backends], rows)
-        if "decision" in plots:
-            lines += [f"![decision cost vs Services]({plots['decision']})", ""]
-
-    memory = data["memory_kib_per_service"]
-    if memory:
-        sizes = sorted({int(n) for b in memory.values() for n in b})
-        lines += ["## Memory a synced backend holds (KiB per Service with 5 endpoints, Python heap)", ""]
-        lines += _table(["Service count"] + [_title(b) for b in _ordered(memory)],
-                        [[f"{n:,}"] + [_num(memory[b].get(str(n)), ",.2f") for b in _ordered(memory)] for n in sizes])
-
-    lines += ["## One TCP stream, pod A → pod B (iperf3)", ""]
-    if data["streams"]:
-        rows = []
-        for case, info in data["streams"].items():
-            fwd = "forwarder_frames" in info
-            rows.append([case, f"{info['gbps']:.2f}",
-                         f"{info['forwarder_cpu']:.0%}" if fwd else "—",
-                         f"{info['forwarder_frames']:,}" if fwd else "—",
-                         f"{info['user_us_per_frame']:.2f}" if fwd else "—",
-                         f"{info['sys_us_per_frame']:.2f}" if fwd else "—",
-                         f"{info.get('retransmits', 0):,}"])
-        lines += _table(["case", "Gbit/s", "fwd CPU", "frames", "user µs/frame", "sys µs/frame", "retrans"], rows)
-        if "throughput" in plots:
-            lines += [f"![tcp-stream throughput]({plots['throughput']})", ""]
-    else:
-        lines += ["Not run in this session (the stream cases need root, /dev/net/tun and iperf3).", ""]
-
-    if data["fastpath_ns"]:
-        lines += ["## Datapath.process per frame, no I/O (mean ns)", ""]
-        names = ("fast-path", "fast-path-net", "slow-path", "parse_ipv4", "dpkt-parse")
-        lines += _table(["frame"] + list(names),
-                        [[kind] + [_num(v.get(name), ",.0f") for name in names]
-                         for kind, v in sorted(data["fastpath_ns"].items())])
-
-    kernel = data["kernel"]
-    if kernel:
-        sizes = sorted({int(n) for key in ("restore_s", "restore_legacy_s", "first_packet_ms")
-                        for n in kernel.get(key, {})})
-        ipt = (data["update_ms"].get("iptables") or {}).get("full", {})
-        dec = data["decision_us"].get("iptables", {})
-        rows = []
-        for n in sizes:
-            fp = kernel.get("first_packet_ms", {}).get(str(n))
-            pub = PUBLISHED_IPTABLES_MS.get(n)
-            rows.append([f"{n:,}", _num(kernel.get("rules", {}).get(str(n)), ",.0f"),
-                         _num(kernel.get("restore_s", {}).get(str(n)), ",.3f"),
-                         _num(kernel.get("restore_legacy_s", {}).get(str(n)), ",.3f"),
-                         _num(ipt.get(str(n)), ",.1f"),
-                         " / ".join(_num(fp.get(q), ",.3f") for q in ("p50", "p90", "p99")) if fp else "—",
-                         _num(dec.get(str(n)), ",.2f"),
-                         f"{pub['p50']:.3f} / {pub['p99']:.3f}" if pub else "—"])
-        lines += ["## The kernel as the anchor (measured in this run)", ""]
-        lines += _table(["Service count", "rules loaded", "kernel iptables-restore (s)",
-                         "kernel iptables-legacy-restore (s)", "podnet iptables full sync (ms)",
-                         "kernel first packet p50 / p90 / p99 (ms)", "podnet iptables decide (µs)",
-                         "**published** kernel p50 / p99 (ms)"], rows)
-        lines += [f"The same Services' kube-proxy rules (`jump_rules_restore()` + a full sync payload) loaded "
-                  f"with `ip netns exec NS iptables-restore --noflush` ({kernel.get('iptables') or 'iptables'}) "
-                  "into a fresh namespace, and with `iptables-legacy-restore` where installed (\"—\" for the "
-                  "default one above 1,000 Services: it takes minutes there, run with PODNET_BENCH_FULL=1); "
-                  "the first packet is the wall time of `connect()` (SYN → DNAT → SYN/ACK) from a client netns "
-                  f"through a router netns holding the rules (loaded with {kernel.get('first_packet_loader')}) to the LAST "
-                  "Service in KUBE-SERVICES' order, over veth pairs. podnet's decide µs is only the backend's "
-                  "decision in Python, not an end-to-end latency, so it is not comparable with the kernel's "
-                  f"round trip; compare shapes. Kernel IPVS: {kernel.get('ipvs')}, so only iptables is anchored.",
-                  ""]
-    lines += ["## Not measured yet", ""] + [f"- `{key}`: {text}" for key, text in data["not_measured"].items()] + [""]
-    if not plots:
-        lines += ["(No plots: matplotlib is not installed; `make setup` installs it.)", ""]
-    return "\n".join(lines)
-
-
-# --- plots -------------------------------------------------------------------------------------------
-
-def _plots(data: dict, out_dir: Path) -> dict[str, str]:
-    try:
-        import matplotlib
-    except ImportError:
-        return {}
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written: dict[str, str] = {}
-    colors = {b: f"C{i}" for i, b in enumerate(_ordered(set(data["decision_us"]) | set(data["update_ms"])))}
-
-    def save(fig, key: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out_dir / PLOTS[key], dpi=110)
-        plt.close(fig)
-        written[key] = PLOTS[key]
-
-    if data["decision_us"]:
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for b in _ordered(data["decision_us"]):
-            series = data["decision_us"][b]
-            xs = sorted(int(n) for n in series)
-            ax.plot(xs, [series[str(n)] for n in xs], "o-", color=colors[b], label=f"{_title(b)} (random Service)")
-            miss = data["decision_us_by_case"].get(b, {}).get("miss", {})
-            if miss:
-                xs = sorted(int(n) for n in miss)
-                ax.plot(xs, [miss[str(n)] for n in xs], "x:", color=colors[b], alpha=0.7, label=f"{_title(b)} (miss)")
-        pub = sorted(PUBLISHED_IPTABLES_MS)
-        ax.plot(pub, [PUBLISHED_IPTABLES_MS[n]["p50"] * 1000 for n in pub], "s--", color="grey", mfc="none",
-                label="PUBLISHED kernel iptables p50\n(first-packet reply, not measured here)")
-        ax.set(xscale="log", yscale="log", xlabel="Services (5 endpoints each)",
-               ylabel="µs per new connection (median)", title="New-connection decision cost vs Services")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "decision")
-
-    if data["update_ms"]:
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for b in _ordered(data["update_ms"]):
-            modes = data["update_ms"][b]
-            for mode, style in (("full", "o-"), ("partial", "^--")):
-                series = modes.get(mode, {})
-                if series:
-                    xs = sorted(int(n) for n in series)
-                    ax.plot(xs, [series[str(n)] for n in xs], style, color=colors[b], label=f"{_title(b)} {mode} sync")
-        ax.set(xscale="log", yscale="log", xlabel="Services (5 endpoints each)",
-               ylabel="ms per endpoint change (wall time of sync)", title="Service update cost vs Services")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "update")
-
-    if data["throughput_gbps"]:
-        cases = list(data["throughput_gbps"])
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        bars = ax.barh(cases, [data["throughput_gbps"][c] for c in cases],
-                       color=["grey" if c.startswith("kernel") else "C1" if c.startswith("raw") else "C0"
-                              for c in cases])
-        ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
-        ax.invert_yaxis()
-        ax.margins(x=0.1)   # room for the value labels
-        ax.set(xlabel="Gbit/s (median of the iperf3 runs)", title="One TCP stream, pod A → pod B")
-        ax.grid(True, axis="x", alpha=0.3)
-        save(fig, "throughput")
-    return written
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -425,9 +275,11 @@ def write_report(report: Report, out_dir: Path, *, machine: dict | None = None, 
                    commit if commit is not None else commit_info(),
                    written or datetime.now(timezone.utc))
     (out_dir / "results.json").write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    plots = _plots(data, out_dir)
+    from report_md import markdown      # bench/ is on sys.path (pytest's rootdir conftest, or the caller)
+    from report_plots import plots as draw
+    plots = draw(data, out_dir)
     path = out_dir / "report.md"
-    path.write_text(_markdown(data, plots))
+    path.write_text(markdown(data, plots))
     return path
 
 

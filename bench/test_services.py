@@ -21,7 +21,8 @@ Two groups, no I/O, no root, parametrized over every registered backend
                        backend's SyncReport.detail (for iptables payload_bytes, chains_written,
                        chains_deleted) and initial_sync_ms, the first full sync of the N Services.
 
-N is 100, 1,000, 10,000 and 50,000 (PODNET_BENCH_SERVICE_SIZES overrides, e.g. "100,1000").
+N is 100, 1,000 and 10,000 in the quick profile (`make bench`), and also 50,000 in the full one
+(`make bench FULL=1`, PODNET_BENCH_FULL=1); PODNET_BENCH_SERVICE_SIZES overrides, e.g. "100,1000".
 Each (N, backend) is built and synced once per session (a module-scoped fixture) and shared by
 both groups; sizes go one after the other, so only one is in memory at a time.
 
@@ -42,7 +43,6 @@ import functools
 import dataclasses
 import ipaddress
 import itertools
-import os
 import random
 import time
 from dataclasses import dataclass, replace
@@ -55,8 +55,9 @@ from podnet.core.services.iptables_backend import IptablesBackend
 from podnet.core.services.kubeproxy_rules import KUBE_SERVICES, endpoint_chain_name
 from podnet.core.services.packetinfo import CtState, PacketInfo
 from podnet.core.services.registry import BACKENDS
+from report import bench_profile
 
-SIZES = tuple(int(n) for n in os.environ.get("PODNET_BENCH_SERVICE_SIZES", "100,1000,10000,50000").split(","))
+SIZES = bench_profile()[1]   # quick: 100, 1,000, 10,000; PODNET_BENCH_FULL=1 adds 50,000 (bench/report.py)
 ENDPOINTS = 5
 NODE_IP = "172.18.0.2"
 CLUSTER_CIDR = "10.244.0.0/14"
