@@ -47,6 +47,7 @@ ICMP_NET_UNREACH = 0
 ICMP_HOST_UNREACH = 1
 ICMP_PROT_UNREACH = 2
 ICMP_PORT_UNREACH = 3
+ICMP_FRAG_NEEDED = 4
 ICMP_EXC_TTL = 0
 
 _IPV4_HEADER = struct.Struct("!BBHHHBBHII")  # ver_ihl tos tot_len id frag ttl proto csum src dst
@@ -80,6 +81,17 @@ class DropReason(enum.Enum):
     SERVICE_DROP = "service_drop"          # the service backend said DROP
     SERVICE_REJECT = "service_reject"      # ... or REJECT (an RST or ICMP error was sent)
     XDP_DROP = "xdp_drop"                  # the backend's XDP program on the uplink dropped the raw frame
+    # VXLAN (core/overlay): names follow the kernel's skb drop reasons where one exists
+    UDP_BAD_LENGTH = "udp_bad_length"              # UDP length below 8 or beyond the IP payload (udp_rcv)
+    UDP_BAD_CHECKSUM = "udp_bad_checksum"          # a non-zero UDP checksum that does not verify
+    VXLAN_OUTER_FRAGMENT = "vxlan_outer_fragment"  # a fragmented outer datagram (podnet does not reassemble)
+    VXLAN_TRUNCATED = "vxlan_truncated"            # no room for the VXLAN header or the inner Ethernet/IPv4 header
+    VXLAN_INVALID_HDR = "vxlan_invalid_hdr"        # flags not exactly I (0x08) or a reserved bit set
+    VXLAN_VNI_NOT_FOUND = "vxlan_vni_not_found"    # a VNI this VTEP does not serve
+    VXLAN_LOCAL_MAC = "vxlan_local_mac"            # inner source MAC is our own VTEP MAC: a loop
+    IP_TUNNEL_ECN = "ip_tunnel_ecn"                # outer CE over a not-ECT inner packet (RFC 6040)
+    FRAG_NEEDED = "frag_needed"                    # over the tunnel MTU with DF set: ICMP frag-needed sent
+    MTU_EXCEEDED = "mtu_exceeded"                  # over the tunnel MTU without DF (the kernel would fragment)
 
 
 def mac_bytes(mac: str | bytes) -> bytes:
@@ -239,11 +251,12 @@ REJECT_WITH_CODES = {
 
 
 def build_icmp_error(frame, info: IPv4Info, icmp_type: int, code: int, our_mac: bytes,
-                     our_ip: int) -> bytes:
+                     our_ip: int, rest_of_header: int = 0) -> bytes:
     """An ICMP error about `frame` from `our_ip`: the offending IP header plus 8 bytes (RFC 792),
-    as Linux's icmp_send() sends for no route and TTL expiry."""
+    as Linux's icmp_send() sends for no route and TTL expiry. `rest_of_header` is the second
+    32-bit word: zero, except the next-hop MTU of "fragmentation needed" (RFC 1191)."""
     quoted = bytes(frame[ETH_HLEN:ETH_HLEN + min(info.total_length, info.ihl + 8)])
-    body = bytearray(struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted)
+    body = bytearray(struct.pack("!BBHI", icmp_type, code, 0, rest_of_header) + quoted)
     body[2:4] = struct.pack("!H", internet_checksum(body))
     return _ipv4_frame(our_mac, bytes(frame[6:12]), our_ip, info.src, IPPROTO_ICMP, bytes(body))
 
