@@ -10,6 +10,7 @@
     podnet conntrack -L | -S | -C      the datapath's conntrack table as conntrack-tools prints it
     podnet down                        stop the running lab and remove everything it made
     podnet clean                       remove what a killed podnet run left behind
+    podnet store get --prefix P --store etcd://HOST:PORT   the cluster state store: see cli_store
 
 Layer: lab (the user's edge). Commands other than `up` and `clean` talk to the running lab over its
 control socket (`podnet.control`).
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from podnet import cli_backends, cli_services
+from podnet import cli_backends, cli_services, cli_store
 from podnet.control import ControlError, request, socket_path
 from podnet.errors import PodnetError
 
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_clean)
     cli_services.register(sub)
     cli_backends.register(sub)
+    cli_store.register(sub)
     return parser
 
 

@@ -1,0 +1,217 @@
+"""Flannel's network config and subnet leases (podnet.store.flannel), on both stores."""
+
+from __future__ import annotations
+
+import json
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import trio
+
+from podnet.errors import ConfigError, IPAMExhausted
+from podnet.store import EventType, KeyExists
+from podnet.store.flannel import (CONFIG_KEY, SUBNETS_PREFIX, LeaseAttrs, SubnetLeaseLost,
+                                  acquire_subnet_lease, keep_subnet_lease, list_subnet_leases,
+                                  parse_network_config, parse_subnet_key, read_network_config,
+                                  release_subnet_lease, renew_subnet_lease, subnet_key,
+                                  write_network_config)
+
+NODES = {"node-a": ("172.18.0.2", "0e:00:00:00:00:0a"), "node-b": ("172.18.0.3", "0e:00:00:00:00:0b"),
+         "node-c": ("172.18.0.4", "0e:00:00:00:00:0c")}
+
+
+def attrs(node: str) -> LeaseAttrs:
+    return LeaseAttrs.vxlan(*NODES[node])
+
+
+# --- the network config (CheckNetworkConfig) ----------------------------------------------------
+
+
+def test_network_config_defaults_skip_the_first_subnet():
+    config = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+    assert config.network == IPv4Network("10.244.0.0/16")
+    assert config.subnet_len == 24
+    assert config.subnet_min == IPv4Address("10.244.1.0")  # not 10.244.0.0: the network's own
+    assert config.subnet_max == IPv4Address("10.244.255.0")
+    assert config.backend_type == "vxlan"
+    assert len(list(config.subnets())) == 255
+
+
+@pytest.mark.parametrize("network, subnet_len", [("10.0.0.0/22", 24), ("10.0.0.0/23", 25),
+                                                 ("10.0.0.0/28", 30)])
+def test_network_config_subnet_len_default(network, subnet_len):
+    assert parse_network_config(json.dumps({"Network": network})).subnet_len == subnet_len
+
+
+@pytest.mark.parametrize("config, message", [
+    ({}, "please define a correct Network parameter"),
+    ({"Network": "10.0.0.0/29"}, "network is too small. Minimum useful network prefix is /28"),
+    ({"Network": "10.0.0.0/16", "SubnetLen": 31}, "SubnetLen must be less than /31"),
+    ({"Network": "10.0.0.0/16", "SubnetLen": 17}, "accommodate at least four subnets"),
+    ({"Network": "10.0.0.0/16", "SubnetMin": "10.0.1.128"}, "not on a SubnetLen boundary"),
+    ({"Network": "10.0.0.0/16", "SubnetMax": "10.1.0.0"}, "not in the range of the Network"),
+    ({"Network": "nonsense"}, "Network"),
+])
+def test_network_config_errors_name_the_key(config, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        parse_network_config(json.dumps(config))
+    assert str(error.value).startswith(CONFIG_KEY)
+
+
+def test_backend_without_type_is_udp_as_in_flannel():
+    assert parse_network_config('{"Network": "10.0.0.0/16"}').backend_type == "udp"
+
+
+def test_subnet_keys_are_flannels():
+    assert subnet_key("10.244.1.0/24") == "/coreos.com/network/subnets/10.244.1.0-24"
+    assert parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24") == \
+        IPv4Network("10.244.1.0/24")
+    assert parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24&fc00::-64") == \
+        IPv4Network("10.244.1.0/24")
+    assert parse_subnet_key("/coreos.com/network/config") is None
+
+
+def test_lease_attrs_json_is_flannels():
+    text = attrs("node-a").to_json()
+    assert json.loads(text) == {"PublicIP": "172.18.0.2", "BackendType": "vxlan",
+                                "BackendData": {"VNI": 1, "VtepMAC": "0e:00:00:00:00:0a"}}
+    assert LeaseAttrs.from_json(text) == attrs("node-a")
+
+
+# --- leases in a store --------------------------------------------------------------------------
+
+
+def test_missing_network_config_is_a_clear_error(h):
+    with pytest.raises(ConfigError, match="flannel config not found"):
+        acquire_subnet_lease(h.store, attrs("node-a"), now=0.0)
+
+
+def test_three_nodes_get_three_distinct_subnets(h):
+    config = write_network_config(h.store, "10.244.0.0/16")
+    assert read_network_config(h.store) == config
+    leases = [acquire_subnet_lease(h.store, attrs(node), now=0.0, ttl_s=60) for node in NODES]
+    subnets = [lease.subnet for lease in leases]
+    assert subnets == [IPv4Network(f"10.244.{i}.0/24") for i in (1, 2, 3)]  # first free, in order
+    stored, revision = list_subnet_leases(h.store)
+    assert [lease.subnet for lease in stored] == subnets and revision == h.store.revision()
+    kv = h.store.get("/coreos.com/network/subnets/10.244.2.0-24")
+    assert json.loads(kv.value) == {"PublicIP": "172.18.0.3", "BackendType": "vxlan",
+                                    "BackendData": {"VNI": 1, "VtepMAC": "0e:00:00:00:00:0b"}}
+    assert kv.lease == leases[1].lease_id != 0  # under a TTL lease
+    assert 0 < h.store.time_to_live(kv.lease) <= 60
+    assert leases[0].expires_at == 60.0 and leases[0].renew_at(margin_s=10) == 50.0
+
+
+def test_random_pick_like_flanneld_stays_distinct(h):
+    write_network_config(h.store, "10.244.0.0/16")
+    rng = random.Random(7)
+    subnets = {acquire_subnet_lease(h.store, attrs(node), now=0.0, rng=rng).subnet
+               for node in NODES}
+    assert len(subnets) == 3
+    assert all(s.prefixlen == 24 and s.subnet_of(IPv4Network("10.244.0.0/16")) for s in subnets)
+
+
+def test_a_restarted_node_gets_its_subnet_back(h):
+    write_network_config(h.store, "10.244.0.0/16")
+    for node in ("node-a", "node-b"):
+        acquire_subnet_lease(h.store, attrs(node), now=0.0)
+    first = acquire_subnet_lease(h.store, attrs("node-c"), now=0.0)
+    watch = h.store.watch(SUBNETS_PREFIX, prefix=True)
+    # node-c's process restarts: same PublicIP, a new VTEP MAC (its device was made again)
+    again = acquire_subnet_lease(h.store, LeaseAttrs.vxlan("172.18.0.4", "0e:00:00:00:00:cc"),
+                                 now=5.0)
+    assert again.subnet == first.subnet == IPv4Network("10.244.3.0/24")
+    assert again.lease_id != first.lease_id and again.mod_revision > first.mod_revision
+    event = h.next_event(watch)  # other nodes see the new MAC
+    assert (event.type, event.key) == (EventType.PUT, first.key)
+    assert json.loads(event.kv.value)["BackendData"]["VtepMAC"] == "0e:00:00:00:00:cc"
+    assert h.store.time_to_live(first.lease_id) is None  # the emptied lease is revoked
+    assert len(list_subnet_leases(h.store)[0]) == 3
+    watch.close()
+
+
+def test_after_its_lease_expired_a_node_asks_for_its_previous_subnet(h):
+    write_network_config(h.store, "10.244.0.0/16")
+    gone = acquire_subnet_lease(h.store, attrs("node-a"), now=0.0, ttl_s=1)
+    acquire_subnet_lease(h.store, attrs("node-b"), now=0.0)
+    watch = h.store.watch(gone.key)
+    h.advance(h.lease_ended_after(1))
+    assert h.next_event(watch).type is EventType.DELETE
+    back = acquire_subnet_lease(h.store, attrs("node-a"), now=10.0, previous_subnet=gone.subnet)
+    assert back.subnet == gone.subnet == IPv4Network("10.244.1.0/24")
+    other = acquire_subnet_lease(h.store, attrs("node-c"), now=10.0, previous_subnet="10.244.2.0/24")
+    assert other.subnet == IPv4Network("10.244.3.0/24")  # node-b holds .2: not taken from it
+    watch.close()
+
+
+def test_losing_a_create_race_retries_with_another_subnet(h):
+    write_network_config(h.store, "10.244.0.0/16")
+    store = h.store
+    real_create = store.create
+    raced = []
+
+    def racing_create(key, value, *, lease=0):  # another node creates the same key first
+        if key.startswith(SUBNETS_PREFIX) and not raced:
+            raced.append(key)
+            real_create(key, LeaseAttrs.vxlan("172.18.0.9", "0e:00:00:00:00:09").to_json())
+        return real_create(key, value, lease=lease)
+
+    store.create = racing_create
+    try:
+        lease = acquire_subnet_lease(store, attrs("node-a"), now=0.0)
+    finally:
+        del store.create
+    assert raced == [subnet_key("10.244.1.0/24")]
+    assert lease.subnet == IPv4Network("10.244.2.0/24")
+    assert {l.attrs.public_ip for l in list_subnet_leases(store)[0]} == {"172.18.0.9", "172.18.0.2"}
+
+
+def test_out_of_subnets(h):
+    write_network_config(h.store, "10.0.0.0/28")  # /30s from 10.0.0.4 to 10.0.0.12: three
+    for node in NODES:
+        acquire_subnet_lease(h.store, attrs(node), now=0.0)
+    with pytest.raises(IPAMExhausted, match="out of subnets"):
+        acquire_subnet_lease(h.store, LeaseAttrs.vxlan("172.18.0.5", "0e:00:00:00:00:0d"), now=0.0)
+
+
+def test_renewal_writes_a_new_lease_and_never_steals(h):
+    write_network_config(h.store, "10.244.0.0/16")
+    lease = acquire_subnet_lease(h.store, attrs("node-a"), now=0.0, ttl_s=30)
+    renewed = renew_subnet_lease(h.store, lease, now=20.0)
+    assert renewed.subnet == lease.subnet and renewed.expires_at == 50.0
+    assert renewed.lease_id != lease.lease_id and h.store.time_to_live(lease.lease_id) is None
+    release_subnet_lease(h.store, renewed)  # gone; another node takes the subnet
+    taken = acquire_subnet_lease(h.store, attrs("node-b"), now=21.0)
+    assert taken.subnet == lease.subnet
+    with pytest.raises(SubnetLeaseLost):
+        renew_subnet_lease(h.store, renewed, now=22.0)
+    assert LeaseAttrs.from_json(h.store.get(lease.key).value).public_ip == "172.18.0.3"
+
+
+def test_config_is_written_once(h):
+    write_network_config(h.store, "10.244.0.0/16")
+    assert write_network_config(h.store, "10.99.0.0/16").network == IPv4Network("10.244.0.0/16")
+    with pytest.raises(KeyExists):
+        h.store.create(CONFIG_KEY, "{}")
+
+
+async def test_keep_subnet_lease_renews_and_stops_when_the_lease_is_deleted():
+    from podnet.store import EmbeddedStore
+    store = EmbeddedStore()  # real time: renewals run in threads, as they do against etcd
+    write_network_config(store, "10.244.0.0/16")
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=trio.current_time(), ttl_s=1)
+    renewals = []
+    try:
+        with pytest.raises(ExceptionGroup) as raised:  # from the nursery's task
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=0.8,
+                                                             on_renew=renewals.append))
+                await trio.sleep(1.5)  # past the 1 s TTL: only renewals keep the key
+                assert len(renewals) >= 3
+                assert store.get(lease.key).lease == renewals[-1].lease_id
+                await trio.to_thread.run_sync(store.delete, lease.key)
+                await trio.sleep(1)
+        assert raised.group_contains(SubnetLeaseLost, match="lease has been revoked")
+    finally:
+        store.close()
