@@ -6,6 +6,10 @@ node port, external addresses, traffic policies, affinity and endpoints with the
 this module builds exactly that view, with `is_local` set for endpoints on this node.
 
 Headless Services (clusterIP None) get nothing, as in kube-proxy, which skips them.
+
+The slices are grouped by (namespace, kubernetes.io/service-name) once per call, so building the
+view is linear in Services + slices (kube-proxy's EndpointSliceCache is keyed the same way);
+handing every Service all the slices made a 10,000-Service node spend ~20 s per sync here.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from podnet.core.services.base import ProxyEndpoint, ProxyServicePort
 
 def proxy_service_ports(services: Iterable[Service], slices: Iterable[EndpointSlice],
                         node_name: str) -> list[ProxyServicePort]:
-    slices = tuple(slices)
+    by_service: dict[tuple[str, str | None], list[EndpointSlice]] = {}
+    for endpoint_slice in slices:
+        by_service.setdefault((endpoint_slice.namespace, endpoint_slice.service_name), []).append(endpoint_slice)
     ports: list[ProxyServicePort] = []
     for svc in services:
         if not svc.cluster_ip or svc.cluster_ip == CLUSTER_IP_NONE:
             continue
-        by_port = endpoints_for(svc, slices)
+        by_port = endpoints_for(svc, by_service.get((svc.namespace, svc.name), ()))
         affinity = svc.session_affinity_timeout_s if svc.session_affinity == "ClientIP" else None
         external = svc.type in ("NodePort", "LoadBalancer") or bool(svc.external_ips)
         for sp in svc.ports:
