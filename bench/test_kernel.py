@@ -16,16 +16,32 @@ preceded by `jump_rules_restore()`, is what the kernel gets:
     kernel-first-packet[N]  three namespaces joined by veth pairs, the rules in the middle one:
 
         client 10.244.0.2/24 ── veth ── 10.244.0.1/24 router 192.168.77.1/30 ── veth ── 192.168.77.2/30 server
-                                        (ip_forward=1, the N Services' rules)          + the 5 endpoint IPs /32
+                                     (ip_forward=1, the N Services' rules + bench/bulk)  + the 5 endpoint IPs /32
 
                             The measured Service is the LAST one in KUBE-SERVICES' order (a NEW
                             connection walks past every other Service's rule); its 5 endpoints
                             are addresses of the server netns, where a tiny Python TCP server
-                            listens on :8080. From the client netns, CONNECTS (default 200,
-                            PODNET_BENCH_CONNECTS) new TCP connections to ClusterIP:80, each timed
-                            around connect(): SYN → DNAT → SYN/ACK back through conntrack.
+                            listens on :8080. From the client netns, `bench/connect_client.py`
+                            (the program test_dataplane.py runs through podnet): CONNECTS (default
+                            200, PODNET_BENCH_CONNECTS) new TCP connections to ClusterIP:80, each
+                            timed around connect(): SYN → DNAT → SYN/ACK back through conntrack;
+                            then PODNET_BENCH_SECONDS of back-to-back connects with
+                            PODNET_BENCH_CONNECT_CONCURRENCY (4) in flight → connects_per_s.
                             The router's rules are loaded with iptables-legacy-restore when
-                            installed (x_tables, fast to load). extra_info: p50/p90/p99/mean ms.
+                            installed (x_tables, fast to load). extra_info: p50/p90/p99/mean ms,
+                            connects_per_s.
+    kernel-throughput[N]    the same three namespaces and rules (one router per size, shared with
+                            kernel-first-packet[N]). The router also holds one more Service,
+                            bench/bulk at 10.100.0.1, TCP and UDP 5201 → 192.168.77.2:5201 (one
+                            endpoint: the server netns' own address, so iperf3's UDP replies leave
+                            from the address the DNAT chose; it sorts before every bench/svc-…, so
+                            the first-packet target stays last). iperf3 -s runs in the server netns.
+                            One TCP stream client → 10.100.0.1:5201 (`-O 1 -t PODNET_BENCH_SECONDS`,
+                            the receiver's bits/s) → throughput_gbps, and 64-byte UDP exactly as
+                            test_dataplane.py defines it (`-u -b 0 -l 18`: 18-byte payloads, 64-byte
+                            Ethernet frames with FCS; the receiver's packets − lost per second) →
+                            udp64_pps; median of PODNET_BENCH_ROUNDS runs each. extra_info also:
+                            retransmits, udp64_sent_pps, udp64_lost_percent.
 
 Sizes above 10,000 are skipped unless PODNET_BENCH_FULL=1 (loading 50,000 Services' rules takes
 minutes with iptables-nft; see bench/README.md). Kernel IPVS is not available on these machines, so
@@ -40,31 +56,39 @@ namespaces; rules and sysctls are only set inside them; everything is removed in
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
 
-from podnet.core.services.kubeproxy import KubeProxyIptables
-from podnet.linux.netns import create_netns, popen_in_netns, run_in_netns
+from podnet.core.services.kubeproxy import KubeProxyIptables, ProxyEndpoint, ProxyServicePort
+from podnet.linux.netns import create_netns, popen_in_netns
 from podnet.linux.resources import Resources
 
 from test_services import CLUSTER_CIDR, NODE_IP, SIZES, services
-from topologies import STATE_DIR, _stop, new_token
+from topologies import (IPERF_PORT, STATE_DIR, Pair, _iperf3_server, _stop, connect_burst, iperf3_stream,
+                        iperf3_udp, latency_ms, new_token, udp_received)
 
 PREFIX = "pn-bk-"
 FULL = os.environ.get("PODNET_BENCH_FULL") == "1"
 MAX_SIZE = 10_000          # larger sizes only with PODNET_BENCH_FULL=1
 NFT_MAX_SIZE = 1_000       # iptables-restore (nf_tables) above this only with PODNET_BENCH_FULL=1: 10,000 took 161 s
 CONNECTS = int(os.environ.get("PODNET_BENCH_CONNECTS", "200"))
+CONCURRENCY = int(os.environ.get("PODNET_BENCH_CONNECT_CONCURRENCY", "4"))
+SECONDS = float(os.environ.get("PODNET_BENCH_SECONDS", "3"))
+ROUNDS = int(os.environ.get("PODNET_BENCH_ROUNDS", "2"))
 CLIENT_IP, ROUTER_IP = "10.244.0.2", "10.244.0.1"
 LINK_ROUTER, LINK_SERVER = "192.168.77.1", "192.168.77.2"
 SERVER_PORT = 8080
+# the throughput cases' Service: one more than the N, one endpoint (the server netns' own address,
+# so iperf3's UDP replies leave from the address the DNAT chose), TCP and UDP on 5201
+BULK_IP = "10.100.0.1"
 IPVS_NOTE = "not available on these machines"
 
 SERVER = r"""
@@ -93,10 +117,29 @@ def _size_or_skip(n: int) -> None:
         pytest.skip(f"{n:,} Services: loading takes minutes; set PODNET_BENCH_FULL=1")
 
 
+@functools.lru_cache(maxsize=1)
 def _restore_input(n: int) -> tuple[str, int]:
     """jump_rules_restore() + the full sync payload of services(n), and its number of rules."""
+    return _payload(services(n))
+
+
+def bulk_service() -> tuple[ProxyServicePort, ...]:
+    """bench/bulk: TCP and UDP 5201 → the server netns' LINK_SERVER:5201, where iperf3 -s runs. It
+    sorts before every bench/svc-NNNNN, so the first-packet target stays the last Service."""
+    endpoint = (ProxyEndpoint(LINK_SERVER, IPERF_PORT),)
+    return tuple(ProxyServicePort("bench", "bulk", name, proto, BULK_IP, IPERF_PORT, endpoints=endpoint)
+                 for name, proto in (("tcp", "TCP"), ("udp", "UDP")))
+
+
+@functools.lru_cache(maxsize=1)
+def _router_input(n: int) -> str:
+    """What the router netns gets: the N Services' rules plus bench/bulk (throughput)."""
+    return _payload((*services(n), *bulk_service()))[0]
+
+
+def _payload(ports) -> tuple[str, int]:
     proxy = KubeProxyIptables(cluster_cidr=CLUSTER_CIDR, node_ips=[NODE_IP])
-    text = proxy.jump_rules_restore() + proxy.sync(services(n), full=True).payload
+    text = proxy.jump_rules_restore() + proxy.sync(list(ports), full=True).payload
     return text, sum(1 for line in text.splitlines() if line.startswith("-A "))
 
 
@@ -191,25 +234,6 @@ def _veth(netns_a: str, name_a: str, netns_b: str, name_b: str) -> None:
     _sh("ip", "-n", netns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", netns_b)
 
 
-def _connect_times(ip: str, port: int, count: int) -> list[float]:
-    """Seconds each of `count` new TCP connections to ip:port spent in connect() (runs in the client netns)."""
-    out = []
-    linger = (1).to_bytes(4, "little") + (0).to_bytes(4, "little")   # RST on close: no TIME_WAIT pile-up
-    for _ in range(count):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-            start = time.perf_counter()
-            s.connect((ip, port))
-            out.append(time.perf_counter() - start)
-    return out
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 @contextlib.contextmanager
 def _router(res: Resources, token: str, text: str, endpoints: list[str]):
     client = _netns(res, f"{PREFIX}{token}-c")
@@ -245,31 +269,80 @@ def _router(res: Resources, token: str, text: str, endpoints: list[str]):
         res.record_process(proc.pid, name="kernel-tcp-server")
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"TCP server in {server} exited with {proc.wait()}")
-        yield client
+        yield client, server
     finally:
         _stop(proc, grace_s=2.0)
 
 
-@pytest.mark.parametrize("n", SIZES, ids=lambda n: str(n))
-def test_kernel_first_packet(benchmark, report, n):
+@dataclass
+class Router:
+    n: int
+    client: str                # netns names
+    server: str
+    target: ProxyServicePort   # the last Service in KUBE-SERVICES
+    res: Resources
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda n: str(n))
+def router(request):
+    """The three namespaces with the N Services' rules (+ bench/bulk) in the router, once per size:
+    kernel-first-packet[N] and kernel-throughput[N] share it."""
+    n = request.param
     _tools_or_skip()
     _size_or_skip(n)
-    text, _ = _restore_input(n)
+    text = _router_input(n)
     target = services(n)[-1]            # last in KUBE-SERVICES: the walk passes every other Service
-    token = new_token()
     res = Resources(prefix=PREFIX, state_dir=STATE_DIR)
-    times: list[float] = []
-    benchmark.group = "kernel"
     try:
-        with _router(res, token, text, [ep.ip for ep in target.endpoints]) as client:
-            run_in_netns(client, _connect_times, target.cluster_ip, target.port, 5)   # ARP, caches
-            benchmark.pedantic(lambda: times.extend(run_in_netns(client, _connect_times, target.cluster_ip,
-                                                                 target.port, CONNECTS)),
-                               rounds=1, iterations=1)
+        with _router(res, new_token(), text, [ep.ip for ep in target.endpoints]) as (client, server):
+            yield Router(n, client, server, target, res)
     finally:
         res.release_all()
-    assert len(times) == CONNECTS
-    ms = {"p50": _pct(times, 0.50) * 1e3, "p90": _pct(times, 0.90) * 1e3, "p99": _pct(times, 0.99) * 1e3,
-          "mean": statistics.fmean(times) * 1e3, "connects": CONNECTS, "loader": _first_packet_loader()}
-    benchmark.extra_info.update(ms)
-    _record(report, n, first_packet_ms=ms)
+
+
+def test_kernel_first_packet(benchmark, report, router):
+    n, target = router.n, router.target
+    out: dict = {}
+    benchmark.group = "kernel"
+    benchmark.pedantic(lambda: out.update(connect_burst(router.client, target.cluster_ip, target.port,
+                                                        count=CONNECTS, seconds=SECONDS,
+                                                        concurrency=CONCURRENCY)),
+                       rounds=1, iterations=1)
+    times, rate = out["times_s"], out["rate"]
+    # every timed connection went through; the rate phase completed connections
+    assert len(times) == CONNECTS and out["failed"] == 0, out["errors"]
+    assert rate["connects"] > 0, rate
+    ms = latency_ms(times) | {"connects": CONNECTS, "loader": _first_packet_loader()}
+    benchmark.extra_info.update(ms, connects_per_s=rate["connects_per_s"], concurrency=CONCURRENCY,
+                                rate_failed=rate["failed"])
+    _record(report, n, first_packet_ms=ms, connects_per_s=rate["connects_per_s"])
+
+
+def test_kernel_throughput(benchmark, report, router):
+    """One iperf3 TCP stream and 64-byte UDP through the router holding the N Services' rules."""
+    if shutil.which("iperf3") is None:
+        pytest.skip("needs iperf3")
+    pair = Pair(router.client, BULK_IP)
+    tcp: list[dict] = []
+    udp: list[dict] = []
+
+    def run() -> None:
+        result = iperf3_stream(pair, SECONDS)
+        tcp.append({"gbps": result["end"]["sum_received"]["bits_per_second"] / 1e9,
+                    "bytes": result["end"]["sum_received"]["bytes"],
+                    "retransmits": result["end"]["sum_sent"].get("retransmits", 0)})
+        udp.append(udp_received(iperf3_udp(pair, SECONDS)))
+
+    benchmark.group = "kernel"
+    with _iperf3_server(router.res, router.server):
+        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    assert all(r["bytes"] > 0 for r in tcp), tcp
+    assert all(r["packets_received"] > 0 for r in udp), udp
+    values = {"throughput_gbps": statistics.median(r["gbps"] for r in tcp),
+              "throughput_retransmits": sum(r["retransmits"] for r in tcp),
+              "udp64_pps": statistics.median(r["pps"] for r in udp),
+              "udp64_sent_pps": statistics.median(r["sent_pps"] for r in udp),
+              "udp64_lost_percent": statistics.median(r["lost_percent"] for r in udp)}
+    benchmark.extra_info.update(values, gbps_runs=[round(r["gbps"], 3) for r in tcp],
+                                pps_runs=[round(r["pps"]) for r in udp], seconds=SECONDS)
+    _record(report, n=router.n, **values)
