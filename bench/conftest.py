@@ -220,6 +220,39 @@ def _kernel_lines(report: Report) -> list[str]:
     return lines
 
 
+def _q(values: dict | None) -> str:
+    return "/".join(f"{values[k]:.3f}" for k in ("p50", "p90", "p99") if k in values) if values else "-"
+
+
+def _dataplane_lines(report: Report) -> list[str]:
+    """bench/test_dataplane.py and bench/test_churn.py: real traffic through TAPs, per backend."""
+    lines: list[str] = []
+    if report.dataplane:
+        lines += ["", "new connections through TAPs to the last Service (connect() ms p50/p90/p99; connects/s)",
+                  f"  {'backend':<10}{'Services':>9}  {'first packet ms':>22}  {'connects/s':>10}  {'failed':>6}"]
+        for (backend, n), row in sorted(report.dataplane.items()):
+            cps = row.get("connects_per_s")
+            lines.append(f"  {backend:<10}{n:>9,}  {_q(row.get('first_packet_ms')):>22}  "
+                         f"{(f'{cps:,.0f}' if cps is not None else '-'):>10}  {row.get('failed', '-'):>6}")
+    if report.throughput:
+        lines += ["", "established flows through a Service (TCP Gbit/s, 64-byte UDP received packets/s)"]
+        for (backend, case), row in sorted(report.throughput.items()):
+            value = f"{row['gbps']:.2f} Gbit/s" if "gbps" in row else f"{row.get('pps', 0):,.0f} pps"
+            lines.append(f"  {backend:<10}{case:<20}{value:>16}")
+    if report.socket_lb:
+        lines += ["", "same-node Service traffic, eBPF socket-LB analogue"]
+        for state, row in sorted(report.socket_lb.items()):
+            cells = ", ".join(f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in sorted(row.items()) if isinstance(v, (int, float)))
+            lines.append(f"  socket-LB {state:<4} {cells}")
+    if report.churn:
+        lines += ["", "churn: rolling update of a Deployment (failed new connections; probe every 10 ms)"]
+        for (backend, variant), row in sorted(report.churn.items()):
+            cells = ", ".join(f"{k} {v}" for k, v in sorted(row.items()) if not isinstance(v, (list, tuple)))
+            lines.append(f"  {backend:<10}{variant:<12} {cells}")
+    return lines
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     report = config.stash.get(REPORT, None)
@@ -251,6 +284,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line("")
         for line in _kernel_lines(report):
             terminalreporter.write_line(line)
+    for line in _dataplane_lines(report):
+        terminalreporter.write_line(line)
     if WRITE_REPORT:
         path = write_run(report, RESULTS_ROOT)
         terminalreporter.write_line("")
