@@ -9,8 +9,12 @@ A frame's way through the slow path, one named stage after another (each stage c
 it saw — the fast path counts per flow instead — and `trace()` records each decision):
 
     port → eth (length, ethertype) → [bridge: learn, switch L2 frames] → arp (proxy-ARP gateway)
-         → ipv4 (ip_rcv's checks) → rpf (a pod may only send from its own address)
-         → route (longest prefix match) → local (ICMP echo from the gateway) | ttl → forward
+         → [vxlan: decapsulated, on again from the tunnel port] → ipv4 (ip_rcv's checks)
+         → rpf (a pod may only send from its own address) → route (longest prefix match)
+         → local (ICMP echo from the gateway) | ttl → [tunnel, mtu] → [neigh, vxlan] → forward
+
+Other nodes (the bracketed stages on an underlay uplink: ARP neighbours, direct routes, Flannel's
+VXLAN tunnel) are core/internode's, called from hooks here; Internode.quick caches VXLAN flows.
 
 A frame the slow path forwards installs a flow-cache entry keyed by (in_port, protocol, addresses,
 ports). Later frames of that flow take the fast path: the same validation, a dict probe, a TTL
@@ -23,7 +27,8 @@ Invariants:
 - `frame` is a mutable buffer (bytearray or writable memoryview) and is rewritten in place; a
   `Transmit` may refer to it, so the caller writes it out before reusing the buffer.
 - A virtio-net header (`vnet`) passes through unchanged: forwarding changes only the TTL and the
-  MACs, neither of which a partial checksum covers. Frames podnet originates carry `vnet=None`.
+  MACs, neither of which a partial checksum covers (NAT updates the seed). Frames podnet
+  originates carry `vnet=None`; frames into a VXLAN tunnel are finished first (core/gso).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from .services.base import NO_SERVICE, Decision, ServiceBackend, Verdict
 from .services.packetinfo import CtState, PacketInfo
 from .packet import DropReason
 from .routing import Route, RouteTable
+from .stats import DatapathStatistics, PortStatistics, Trace, TraceStep
 from ..errors import ConfigError
 
 # dst MAC, ethertype, then IPv4 ver_ihl, tot_len, frag, ttl, proto, src, dst and the L4 ports —
@@ -57,6 +63,7 @@ _new_tuple = tuple.__new__
 class PortKind(enum.Enum):
     POD = "pod"
     UPLINK = "uplink"
+    TUNNEL = "tunnel"   # a VXLAN device (flannel.1): frames routed here are encapsulated onto the uplink
 
 
 class NodeMode(enum.Enum):
@@ -83,61 +90,7 @@ class Port:
     kind: PortKind
     mac: bytes            # the MAC of the device on the other side (the pod's eth0)
     ip: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TraceStep:
-    stage: str
-    decision: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.stage:<8} {self.decision}{'  ' + self.detail if self.detail else ''}"
-
-
-@dataclass(frozen=True, slots=True)
-class Trace:
-    frame: str
-    in_port: str
-    steps: tuple[TraceStep, ...]
-    actions: tuple[Transmit | Drop, ...]
-
-    def __str__(self) -> str:
-        lines = [f"{self.frame}  (in {self.in_port})"]
-        lines += [f"  {step}" for step in self.steps]
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True, slots=True)
-class PortStatistics:
-    name: str
-    kind: str
-    rx_packets: int
-    rx_bytes: int
-    tx_packets: int
-    tx_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class DatapathStatistics:
-    ports: tuple[PortStatistics, ...]
-    drops: dict[str, int]
-    stages: dict[str, int]
-    fast_path_packets: int
-    slow_path_packets: int
-    flows: int
-    flows_installed: int
-    flow_table_full: int
-    arp_replies: int
-    icmp_sent: int
-    decisions: int = 0          # NEW flows the Service backend decided
-    decision_cost: int = 0      # what deciding them cost, in the backend's unit (rules walked)
-    resets_sent: int = 0        # REJECT --reject-with tcp-reset
-    conntrack_entries: int = 0
-
-    @property
-    def dropped(self) -> int:
-        return sum(self.drops.values())
+    local_mac: bytes = b""  # podnet's own MAC on this port: the gateway's; the node's on an underlay
 
 
 @dataclass(slots=True)
@@ -154,8 +107,10 @@ class _Ctx:
 
 
 # flow-cache entry layout (a list, for speed): out port, new Ethernet dst+src, packets, bytes, last
-# seen, the conntrack entry, the direction of the flow this key is, and the NAT binding (or None)
-_OUT, _ETH, _PKTS, _BYTES, _SEEN, _CT, _DIR, _NAT = range(8)
+# seen, the conntrack entry, the direction of the flow this key is, the NAT binding (or None), the
+# MAC frames of the flow arrive addressed to, and for flows to another node the next hop's underlay
+# address (whose neighbour entry the cached MAC came from) and the VXLAN peer (core/internode)
+_OUT, _ETH, _PKTS, _BYTES, _SEEN, _CT, _DIR, _NAT, _INMAC, _VIA, _PEER = range(11)
 # what forward_fast answers for a frame it dropped itself (counted): no port has these numbers
 DROPPED = -1       # conntrack found the packet INVALID
 XDP_DROPPED = -2   # the backend's XDP program dropped it on the uplink
@@ -228,6 +183,7 @@ class Datapath:
         self._ct_steady = self.conntrack.update_steady
         self._ct_flows: dict[int, list[tuple]] = {}   # conntrack entry id -> flow-cache keys
         self._rng = random.Random(seed)
+        self.internode = None   # core.internode.Internode: the underlay and the tunnel, once add_uplink made one
         # any change to the table, also one made directly on `routes`, empties the flow cache
         self.routes.on_change = self._flush_flows
 
@@ -254,7 +210,8 @@ class Datapath:
 
     def add_port(self, name: str, kind: PortKind, mac: str | bytes, ip: str | None = None) -> int:
         try:
-            port = Port(self._next_port, name, kind, pk.mac_bytes(mac), pk.ip_int(ip) if ip else None)
+            port = Port(self._next_port, name, kind, pk.mac_bytes(mac), pk.ip_int(ip) if ip else None,
+                        self.gateway_mac)
         except ValueError as exc:
             raise ConfigError(f"port {name!r}: mac {mac!r} / ip {ip!r}: {exc}") from None
         self._next_port += 1
@@ -273,7 +230,23 @@ class Datapath:
         self.routes.remove_port(port_id)
         if self.bridge is not None:
             self.bridge.remove_port(port_id)
+        if self.internode is not None:
+            self.internode = self.internode.port_removed(port_id)
         self._flush_flows()
+        self._update_xdp()
+
+    def add_uplink(self, name: str, mac: str | bytes, *, cidr: str | None = None, neighbors=None) -> int:
+        """The uplink on an underlay shared with other nodes, `mac` the node's own there: see
+        core/internode (`self.internode` holds the neighbours, leases and static entries)."""
+        from .internode import Internode   # internode builds on this module
+        self.internode = Internode.attach(self, name, mac, cidr, neighbors)
+        return self.internode.underlay
+
+    def add_tunnel(self, vtep, flannel) -> int:
+        """Flannel's VXLAN device (core.overlay Vtep and FlannelNode) on the uplink: a TUNNEL port."""
+        if self.internode is None:
+            raise ConfigError(f"tunnel {flannel.device!r}: the datapath has no underlay uplink (add_uplink first)")
+        return self.internode.add_tunnel(vtep, flannel)
 
     def add_route(self, cidr: str, port_id: int, via: str | None = None) -> Route:
         try:
@@ -302,7 +275,7 @@ class Datapath:
                 return [Drop(DropReason.XDP_DROP, in_port, "xdp")]
             # tuple.__new__ skips the NamedTuple's Python-level __new__ on the per-frame path
             return [_new_tuple(Transmit, (out, frame, vnet))]
-        return self._slow(frame, in_port, vnet, _Ctx(now))
+        return self.process_slow(frame, in_port, now, vnet)
 
     def forward_fast(self, frame, in_port: int, now: float, vnet=None, commit: bool = True) -> int | None:
         """The fast path alone: rewrite `frame` for its cached flow and return the output port;
@@ -313,9 +286,10 @@ class Datapath:
 
         The checks are the slow path's: a cached flow is TCP or UDP with a 20-byte IP header, not a
         fragment, TTL left to decrement, its L4 header inside the total length (20 + 20 or 20 + 8),
-        addressed to the gateway MAC, a valid IPv4 header checksum (a correct header's 32-bit words
-        sum to 0 modulo 0xffff). TCP segments with SYN, FIN or RST always take the slow path: they
-        move conntrack's state machine, and the trace should show it."""
+        addressed to podnet's MAC on the port (the gateway's, or the node's on an underlay), a valid
+        IPv4 header checksum (a correct header's 32-bit words sum to 0 modulo 0xffff). TCP segments
+        with SYN, FIN or RST always take the slow path: they move conntrack's state machine, and the
+        trace should show it."""
         if self._xdp_ports and in_port in self._xdp_ports and commit:
             # XDP runs on the raw frame before anything else; it either drops it here or lets it
             # through to the stack (fast or slow path), which does not run it again
@@ -330,7 +304,7 @@ class Datapath:
             return None
         flow = self._flows.get((in_port, proto, src, dst, ports))
         if (flow is None or ver_ihl != 0x45 or frag & 0x3FFF or ttl <= 1
-                or not (40 if proto == 6 else 28) <= tot_len <= n - 14 or dst_mac != self.gateway_mac
+                or not (40 if proto == 6 else 28) <= tot_len <= n - 14 or dst_mac != flow[_INMAC]
                 or sum(_WORDS.unpack_from(frame, 14)) % 0xFFFF):
             return None
         entry = flow[_CT]
@@ -354,7 +328,12 @@ class Datapath:
         return flow[_OUT]
 
     def process_slow(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> list[Transmit | Drop]:
-        """The slow path, for a frame `forward_fast` declined."""
+        """The slow path, for a frame `forward_fast` declined; VXLAN flows' cached path comes first
+        (core/internode: encapsulation makes a new buffer, which forward_fast cannot return)."""
+        if self.internode is not None:
+            got = self.internode.quick(frame, in_port, now, vnet)
+            if got is not None:
+                return got
         return self._slow(frame, in_port, vnet, _Ctx(now))
 
     def trace(self, frame, in_port: int, now: float, vnet: bytes | None = None) -> Trace:
@@ -370,7 +349,8 @@ class Datapath:
                 port = self._ports.get(in_port)
                 return Trace(description, port.name if port else str(in_port), tuple(ctx.steps),
                              (Drop(DropReason.XDP_DROP, in_port, "xdp"),))
-        if self.forward_fast(frame, in_port, now, vnet, commit=False) is not None:
+        if self.forward_fast(frame, in_port, now, vnet, commit=False) is not None or (
+                self.internode is not None and self.internode.cached(frame, in_port)):
             ctx.step("flow", "cached", "an established flow: the fast path gives the same result")
         actions = self._slow(frame, in_port, vnet, ctx)
         port = self._ports.get(in_port)
@@ -401,10 +381,14 @@ class Datapath:
             return [self._drop(ctx, DropReason.VLAN_TAGGED, in_port, "eth")]
         if ethertype != pk.ETH_P_IP:
             return [self._drop(ctx, DropReason.UNSUPPORTED_ETHERTYPE, in_port, "eth", f"0x{ethertype:04x}")]
-        if dst_mac != self.gateway_mac:
+        if dst_mac != port.local_mac:
             if self.bridge is not None and port.kind is PortKind.POD:
                 return self._switch(frame, port, dst_mac, vnet, ctx)
             return [self._drop(ctx, DropReason.NOT_FOR_GATEWAY, in_port, "eth", pk.mac_str(dst_mac))]
+        if self.internode is not None and in_port == self.internode.underlay:
+            got = self.internode.receive(frame, port, vnet, ctx, counted=True)   # VXLAN for us: decapsulated
+            if got is not None:
+                return got
         return self._ipv4(frame, port, vnet, ctx)
 
     def _arp(self, frame, port: Port, dst_mac: bytes, vnet, ctx: _Ctx) -> list[Transmit | Drop]:
@@ -414,6 +398,8 @@ class Datapath:
         if isinstance(arp, DropReason):
             return [self._drop(ctx, arp, port.id, "arp")]
         who = f"who-has {pk.ip_str(arp.tpa)} tell {pk.ip_str(arp.spa)}"
+        if self.internode is not None and port.id == self.internode.underlay:
+            return self.internode.arp(arp, port, who, ctx)   # and learn the neighbour it came from
         # pods ask for the gateway; the uplink's neighbours ask for the node's own address
         responder = self.arp if port.kind is PortKind.POD else self.uplink_arp
         if responder.answers(arp):
@@ -503,6 +489,12 @@ class Datapath:
         out = self._ports.get(route.port)
         if out is None:
             return [self._drop(ctx, DropReason.UNKNOWN_PORT, port.id, "route", f"route to port {route.port}")]
+        hop = None
+        if out.kind is not PortKind.POD and self.internode is not None:
+            # to another node: its next hop (and the tunnel's MTU) before conntrack, as ip_forward checks
+            hop = self.internode.next_hop(frame, info, port, out, route, dst, vnet, ctx)
+            if type(hop) is list:
+                return hop
         if entry is None and key is not None and ctx.commit:
             made = self._track(key, info, port, decision, tcp_flags, ctx)
             if isinstance(made, Drop):
@@ -516,11 +508,13 @@ class Datapath:
         elif not ctx.commit and (decision.dnat is not None or decision.masquerade):
             ctx.step("nat", "would NAT", f"dnat {_hostport(decision.dnat)} masquerade {decision.masquerade}")
         pk.decrement_ttl(frame, info.ttl)
-        eth = out.mac + self.gateway_mac
+        if hop is not None:   # the neighbour's MAC, or the VXLAN encapsulation
+            return self.internode.transmit(frame, info, port, out, hop, entry, direction, vnet, ctx)
+        eth = out.mac + out.local_mac
         frame[0:12] = eth
-        ctx.step("forward", f"to {out.name}", f"ttl {info.ttl - 1}, {pk.mac_str(self.gateway_mac)} > {pk.mac_str(out.mac)}")
-        if ctx.commit and info.ihl == 20 and not info.is_fragment and info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
-            self._install_flow(frame, port.id, info, out.id, eth, ctx.now, entry, direction)
+        ctx.step("forward", f"to {out.name}", f"ttl {info.ttl - 1}, {pk.mac_str(out.local_mac)} > {pk.mac_str(out.mac)}")
+        if ctx.commit and _cacheable(info):
+            self._install_flow(port.id, info, out.id, eth, ctx.now, entry, direction)
         return [self._emit(ctx, out.id, frame, vnet)]
 
     # ---- conntrack and the Service backend -----------------------------------------------------
@@ -551,7 +545,7 @@ class Datapath:
             ctx.step("reject", "tcp-reset", f"from {pk.ip_str(info.dst)}:{info.dport}")
             if ctx.commit:
                 self._c.resets_sent += 1
-            actions.append(self._emit(ctx, port.id, pk.build_tcp_reset(frame, info, self.gateway_mac)))
+            actions.append(self._emit(ctx, port.id, pk.build_tcp_reset(frame, info, port.local_mac)))
         elif how in pk.REJECT_WITH_CODES:
             actions += self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, pk.REJECT_WITH_CODES[how], ctx)
         return actions + [self._drop(ctx, DropReason.SERVICE_REJECT, port.id, "service", how)]
@@ -644,7 +638,7 @@ class Datapath:
             ctx.step("local", "echo reply", f"from {pk.ip_str(info.dst)}")
             if ctx.commit:
                 self._c.icmp_sent += 1
-            return [self._emit(ctx, port.id, pk.build_icmp_echo_reply(frame, info, self.gateway_mac))]
+            return [self._emit(ctx, port.id, pk.build_icmp_echo_reply(frame, info, port.local_mac))]
         actions: list[Transmit | Drop] = []
         if info.proto == pk.IPPROTO_UDP:
             actions += self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, pk.ICMP_PORT_UNREACH, ctx)
@@ -652,14 +646,16 @@ class Datapath:
                                      f"proto {info.proto} to {pk.ip_str(info.dst)}")]
 
     def _icmp_error(self, frame, info: pk.IPv4Info, port: Port, icmp_type: int, code: int,
-                    ctx: _Ctx) -> list[Transmit]:
+                    ctx: _Ctx, rest_of_header: int = 0) -> list[Transmit]:
         if not pk.should_send_icmp_error(frame, info):
             return []
         ctx.step("icmp", f"type {icmp_type} code {code}", f"to {pk.ip_str(info.src)}")
         if ctx.commit:
             self._c.icmp_sent += 1
-        # sent from the gateway address, which every pod can route back to
-        error = pk.build_icmp_error(frame, info, icmp_type, code, self.gateway_mac, self.gateway_ip)
+        # to a pod from the gateway address, which every pod can route back to; to another node
+        # (or outside) from the node's own address, as the kernel picks the outgoing link's
+        source = self.gateway_ip if port.kind is PortKind.POD or self.node_ip is None else self.node_ip
+        error = pk.build_icmp_error(frame, info, icmp_type, code, port.local_mac, source, rest_of_header)
         return [self._emit(ctx, port.id, error)]
 
     def _emit(self, ctx: _Ctx, port_id: int, frame, vnet: bytes | None = None) -> Transmit:
@@ -676,17 +672,22 @@ class Datapath:
 
     # ---- the flow cache ----------------------------------------------------------------------
 
-    def _install_flow(self, frame, in_port: int, info: pk.IPv4Info, out_port: int, eth: bytes,
-                      now: float, entry: Entry | None = None, direction: int = 0) -> None:
+    def _install_flow(self, in_port: int, info: pk.IPv4Info, out_port: int, eth: bytes, now: float,
+                      entry: Entry | None = None, direction: int = 0, via: int | None = None, peer=None) -> None:
         ports = info.sport << 16 | info.dport
         key = (in_port, info.proto, info.src, info.dst, ports)
+        if peer is not None:
+            # a VXLAN flow: keyed with the tunnel port as well, so forward_fast (5-tuples) never finds
+            # it; Internode.quick does, and encapsulates
+            key += (out_port,)
         if key in self._flows:
             return
         if len(self._flows) >= self.max_flows:
             self._c.flow_table_full += 1
             return
         # the slow path already counted this frame; the entry counts from the next one
-        self._flows[key] = [out_port, eth, 0, 0, now, entry, direction, entry.nat if entry is not None else None]
+        self._flows[key] = [out_port, eth, 0, 0, now, entry, direction, entry.nat if entry is not None else None,
+                            self._ports[in_port].local_mac, via, peer]
         if entry is not None:
             self._ct_flows.setdefault(entry.id, []).append(key)
         self._c.flows_installed += 1
@@ -713,7 +714,8 @@ class Datapath:
 
     # ---- timers ------------------------------------------------------------------------------
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float) -> list[Transmit]:
+        """Expire what is due; returns frames to send (the underlay's ARP requests), usually none."""
         if self._next_sweep is not None and now >= self._next_sweep:
             if self.bridge is not None:
                 # fast-path frames skip the bridge: refresh the stations they came from, so a pod
@@ -740,11 +742,13 @@ class Datapath:
             deadline = self.backend.next_deadline()
             if deadline is not None and deadline <= now:
                 self.backend.handle_timer(now)
+        return self.internode.handle_timer(now) if self.internode is not None else []
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._next_sweep, self.bridge.next_deadline() if self.bridge else None,
                                  self.conntrack.next_deadline(),
-                                 self.backend.next_deadline() if self.backend is not None else None)
+                                 self.backend.next_deadline() if self.backend is not None else None,
+                                 self.internode.next_deadline() if self.internode is not None else None)
                      if d is not None]
         return min(deadlines) if deadlines else None
 
@@ -760,11 +764,20 @@ class Datapath:
             rx_bytes[key[0]] += flow[_BYTES]
             tx[flow[_OUT]] += flow[_PKTS]
             tx_bytes[flow[_OUT]] += flow[_BYTES]
+        drops, neighbors, tunnel = dict(c.drops), None, None
+        if self.internode is not None:
+            neighbors, tunnel = self.internode.statistics(drops, tx, tx_bytes)
         ports = tuple(PortStatistics(p.name, p.kind.value, rx[p.id], rx_bytes[p.id], tx[p.id], tx_bytes[p.id])
                       for p in self._ports.values())
-        return DatapathStatistics(ports, dict(c.drops), dict(c.stages), fast, c.slow, len(self._flows),
+        return DatapathStatistics(ports, drops, dict(c.stages), fast, c.slow, len(self._flows),
                                   c.flows_installed, c.flow_table_full, c.arp_replies, c.icmp_sent,
-                                  c.decisions, c.decision_cost, c.resets_sent, len(self.conntrack))
+                                  c.decisions, c.decision_cost, c.resets_sent, len(self.conntrack),
+                                  neighbors, tunnel)
+
+
+def _cacheable(info: pk.IPv4Info) -> bool:
+    """What the fast path can take: TCP or UDP, no IP options, not a fragment."""
+    return info.ihl == 20 and not info.is_fragment and info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP)
 
 
 def _ct_key(frame, info: pk.IPv4Info) -> tuple | None:

@@ -92,6 +92,11 @@ class DropReason(enum.Enum):
     IP_TUNNEL_ECN = "ip_tunnel_ecn"                # outer CE over a not-ECT inner packet (RFC 6040)
     FRAG_NEEDED = "frag_needed"                    # over the tunnel MTU with DF set: ICMP frag-needed sent
     MTU_EXCEEDED = "mtu_exceeded"                  # over the tunnel MTU without DF (the kernel would fragment)
+    # between nodes (core/internode): the underlay's neighbours, the tunnel's peers, software GSO
+    NEIGH_FAILED = "neigh_failed"                  # queued for a next hop that never answered ARP (FAILED)
+    NEIGH_QUEUE_FULL = "neigh_queue_full"          # queued beyond unres_qlen_bytes while resolving
+    TUNNEL_NO_PEER = "tunnel_no_peer"              # routed into the tunnel, but no lease holds the next hop
+    GSO_INVALID = "gso_invalid"                    # a vnet header the frame cannot match (GSO of a non-TCPv4 frame...)
 
 
 def mac_bytes(mac: str | bytes) -> bytes:
@@ -203,10 +208,12 @@ def build_arp_reply(our_mac: bytes, our_ip: int, request: ArpInfo) -> bytes:
     return bytes(eth)
 
 
-def build_arp_request(our_mac: bytes, our_ip: int, target_ip: int) -> bytes:
+def build_arp_request(our_mac: bytes, our_ip: int, target_ip: int, dst_mac: bytes = BROADCAST_MAC) -> bytes:
+    """who-has `target_ip`: broadcast, or unicast to `dst_mac` (a neighbour's reachability probe,
+    arp_solicit's; the target hardware address stays zero either way)."""
     arp = dpkt.arp.ARP(op=dpkt.arp.ARP_OP_REQUEST, sha=our_mac, spa=struct.pack("!I", our_ip),
                        tha=b"\x00" * 6, tpa=struct.pack("!I", target_ip))
-    return bytes(dpkt.ethernet.Ethernet(dst=BROADCAST_MAC, src=our_mac, type=ETH_P_ARP, data=arp))
+    return bytes(dpkt.ethernet.Ethernet(dst=dst_mac, src=our_mac, type=ETH_P_ARP, data=arp))
 
 
 def _ipv4_frame(src_mac: bytes, dst_mac: bytes, src: int, dst: int, proto: int, payload: bytes,

@@ -249,19 +249,20 @@ class Vtep:
 
     # ---- transmit ---------------------------------------------------------------------------
 
-    def encapsulate(self, inner, peer: Peer) -> bytes | DropReason:
+    def encapsulate(self, inner, peer: Peer, *, count: bool = True) -> bytes | DropReason:
         """The outer frame that carries `inner` to `peer`, or why it cannot be sent.
 
         `inner` is an Ethernet frame routed into the tunnel; its MACs are replaced by the peer's VTEP
         MAC and ours. Frames over the tunnel MTU are refused (MTU_EXCEEDED): the routing stage
-        decides beforehand what the kernel would do with them (`mtu.check_mtu`).
+        decides beforehand what the kernel would do with them (`mtu.check_mtu`). With count=False
+        (a trace) the device counters and the IP identification counter are left alone.
         """
         n = len(inner)
         if n < pk.ETH_HLEN:
-            return self._drop(DropReason.FRAME_TOO_SHORT)
+            return self._drop(DropReason.FRAME_TOO_SHORT, count)
         payload = memoryview(inner)[12:]  # ethertype onwards: copied once, into the outer frame
         if n - pk.ETH_HLEN > self.inner_mtu:
-            return self._drop(DropReason.MTU_EXCEEDED)
+            return self._drop(DropReason.MTU_EXCEEDED, count)
         tos = 0
         if inner[12] == 0x08 and inner[13] == 0x00 and n >= 34:
             ecn = inner[15] & _ECN_CE
@@ -269,7 +270,9 @@ class Vtep:
         sport = source_port(flow_hash(inner, self.hash_seed), self.src_port_range)
         udp_len = n + 16  # UDP header + VXLAN header + inner frame (whose first 12 bytes are replaced)
         tot_len = udp_len + 20
-        ip_id = self._ip_id = (self._ip_id + 1) & 0xFFFF
+        ip_id = (self._ip_id + 1) & 0xFFFF
+        if count:
+            self._ip_id = ip_id
         # -sum % 0xffff is the complement of the folded one's complement sum (0 for a sum of 0xffff,
         # as ip_send_check computes it)
         ip_csum = -(peer._ip_sum + (0x4500 | tos) + tot_len + ip_id) % 0xFFFF
@@ -281,13 +284,15 @@ class Vtep:
             udp_csum = 0
         header = _OUTER.pack(peer._eth, 0x45, tos, tot_len, ip_id, self._frag_ttl_proto, ip_csum,
                              peer._addrs, sport, self.port, udp_len, udp_csum, self._vxlan, peer._inner_macs)
-        self._tx += 1
-        self._tx_bytes += n
+        if count:
+            self._tx += 1
+            self._tx_bytes += n
         return b"".join((header, payload))
 
     # ---- receive ----------------------------------------------------------------------------
 
-    def decapsulate(self, frame, checksum_unnecessary: bool = False) -> Decapsulated | DropReason | None:
+    def decapsulate(self, frame, checksum_unnecessary: bool = False, *,
+                    count: bool = True) -> Decapsulated | DropReason | None:
         """The inner frame of a VXLAN datagram for this VTEP; a DropReason (counted) if it is one
         but is malformed; None if it is not IPv4/UDP to our address and VXLAN port at all.
 
@@ -296,7 +301,8 @@ class Vtep:
         machine: the field holds only the pseudo-header sum, to be completed by a NIC that is not
         there). A TAP's virtio-net header says so with DATA_VALID or NEEDS_CSUM, an AF_PACKET
         socket's PACKET_AUXDATA with TP_STATUS_CSUM_VALID or TP_STATUS_CSUMNOTREADY; a frame sent
-        over a veth by the kernel's own vxlan device arrives CHECKSUM_PARTIAL.
+        over a veth by the kernel's own vxlan device arrives CHECKSUM_PARTIAL. With count=False (a
+        trace) the device counters are left alone.
         """
         n = len(frame)
         if n < 34 or frame[12] != 0x08 or frame[13] != 0x00 or frame[23] != pk.IPPROTO_UDP:
@@ -306,72 +312,74 @@ class Vtep:
             return None
         ihl = (ver_ihl & 0x0F) * 4
         if ver_ihl >> 4 != 4:
-            return self._drop(DropReason.IPV4_BAD_VERSION)
+            return self._drop(DropReason.IPV4_BAD_VERSION, count)
         if ihl < 20 or 14 + ihl > n:
-            return self._drop(DropReason.IPV4_BAD_IHL)
+            return self._drop(DropReason.IPV4_BAD_IHL, count)
         if tot_len < ihl or 14 + tot_len > n:
-            return self._drop(DropReason.IPV4_BAD_TOTAL_LENGTH)
+            return self._drop(DropReason.IPV4_BAD_TOTAL_LENGTH, count)
         # a valid header's words sum to 0 modulo 0xffff; without options, one unpack finds out
         if ihl == 20:
             bad_checksum = sum(_IPV4_WORDS.unpack_from(frame, 14)) % 0xFFFF
         else:
             bad_checksum = not ipv4_header_ok(frame, 14, ihl)
         if bad_checksum:
-            return self._drop(DropReason.IPV4_BAD_CHECKSUM)
+            return self._drop(DropReason.IPV4_BAD_CHECKSUM, count)
         udp = 14 + ihl
         if frag & 0x1FFF:
             return None  # a later fragment: no UDP header to tell whose it is
         if tot_len - ihl < 4 or frame[udp + 2] << 8 | frame[udp + 3] != self.port:
             return None
         if frag & 0x2000:
-            return self._drop(DropReason.VXLAN_OUTER_FRAGMENT)
+            return self._drop(DropReason.VXLAN_OUTER_FRAGMENT, count)
         if tot_len - ihl < 8:
-            return self._drop(DropReason.L4_TRUNCATED)
+            return self._drop(DropReason.L4_TRUNCATED, count)
         if n >= udp + 16:
             sport, _dport, udp_len, udp_csum, flags, vni_word = _UDP_VXLAN.unpack_from(frame, udp)
         else:  # too short for a VXLAN header: the checks below say which limit it breaks
             sport, _dport, udp_len, udp_csum = struct.unpack_from("!HHHH", frame, udp)
             flags = vni_word = 0
         if udp_len < 8 or udp_len > tot_len - ihl:
-            return self._drop(DropReason.UDP_BAD_LENGTH)
+            return self._drop(DropReason.UDP_BAD_LENGTH, count)
         end = udp + udp_len  # the UDP length rules: bytes after it are not the datagram's
         view = memoryview(frame)
         if udp_csum and not checksum_unnecessary:  # zero: sent without one, fine over IPv4
             pseudo = _sum16(view[26:34]) + pk.IPPROTO_UDP + udp_len
             if (pseudo + _sum16(view[udp:end])) % 0xFFFF:  # a valid datagram sums to 0xffff
-                return self._drop(DropReason.UDP_BAD_CHECKSUM)
+                return self._drop(DropReason.UDP_BAD_CHECKSUM, count)
         if udp_len < 8 + VXLAN_HLEN:
-            return self._drop(DropReason.VXLAN_TRUNCATED)
+            return self._drop(DropReason.VXLAN_TRUNCATED, count)
         if not flags & _FLAGS_WORD:
-            return self._drop(DropReason.VXLAN_INVALID_HDR)
+            return self._drop(DropReason.VXLAN_INVALID_HDR, count)
         vni = vni_word >> 8
         if vni != self.vni:
-            return self._drop(DropReason.VXLAN_VNI_NOT_FOUND)
+            return self._drop(DropReason.VXLAN_VNI_NOT_FOUND, count)
         if flags != _FLAGS_WORD or vni_word & 0xFF:
-            return self._drop(DropReason.VXLAN_INVALID_HDR)
+            return self._drop(DropReason.VXLAN_INVALID_HDR, count)
         start = udp + 8 + VXLAN_HLEN
         if end - start < pk.ETH_HLEN:
-            return self._drop(DropReason.VXLAN_TRUNCATED)
+            return self._drop(DropReason.VXLAN_TRUNCATED, count)
         inner = view[start:end]
         if inner[6:12] == self.mac:
-            return self._drop(DropReason.VXLAN_LOCAL_MAC)
+            return self._drop(DropReason.VXLAN_LOCAL_MAC, count)
         if inner[12] == 0x08 and inner[13] == 0x00:
             if end - start < 34:
-                return self._drop(DropReason.VXLAN_TRUNCATED)
+                return self._drop(DropReason.VXLAN_TRUNCATED, count)
             if tos & _ECN_CE == _ECN_CE:  # the underlay marked congestion (RFC 6040)
                 inner_ecn = inner[15] & _ECN_CE
                 if not inner_ecn:
-                    return self._drop(DropReason.IP_TUNNEL_ECN)
+                    return self._drop(DropReason.IP_TUNNEL_ECN, count)
                 if inner_ecn != _ECN_CE:
                     inner = _set_ce(inner)
-        self._rx += 1
-        self._rx_bytes += end - start
+        if count:
+            self._rx += 1
+            self._rx_bytes += end - start
         return _new_tuple(Decapsulated, (inner, src, sport, vni))
 
     # ---- counters ---------------------------------------------------------------------------
 
-    def _drop(self, reason: DropReason) -> DropReason:
-        self._drops[reason.value] += 1
+    def _drop(self, reason: DropReason, count: bool = True) -> DropReason:
+        if count:
+            self._drops[reason.value] += 1
         return reason
 
     def statistics(self) -> VtepStatistics:
