@@ -26,9 +26,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2 import config as _pr_config
 from pyroute2 import netns as _pr_netns
 
 from podnet.linux.names import validate_netns
+
+# pyroute2 makes a netns socket (IPRoute(netns=...), netns.create) in a child it forks from the
+# calling thread, and ends that child with SIGTERM. A child forked from a multi-threaded process
+# under trio.open_signal_receiver (`podnet up`, the bench nodes) inherits trio's Python handler,
+# which can block forever on a lock another thread held at the fork: the child never exits and
+# the thread waiting for it hangs. With this, the child first puts SIGTERM/SIGINT back to default.
+_pr_config.disable_mp_signal = True
 
 NETNS_RUN_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
