@@ -12,6 +12,14 @@ and on exit, error or cancellation undoes all of it (containers get SIGTERM, the
 grace period). Everything created is journalled by `linux.resources.Resources` first, so
 `podnet clean` can remove what a SIGKILLed lab left behind.
 
+While it runs, pods come and go: `add_pod` does the same CNI ADD for one more pod; `delete_pod`
+deletes one gracefully as the API server and the kubelet do (the endpoint goes terminating, the
+preStop hook and SIGTERM run - `podnet.lifecycle` - then the endpoint goes and CNI DEL removes the
+port, its /32 route, the netns, the TAP and the address). Each Deployment of the manifests gets a
+controller (`podnet.deployments`) that creates its pods at start and carries out `rollout` and
+`scale`. The supervisors, deletions and controllers all run in the lab's nursery, so leaving
+`open_lab` cancels them and the teardown above removes whatever they left.
+
 `image` is accepted and ignored: a container is its command, run on this machine's filesystem
 inside the pod's network namespace. `run_lab` is the same for synchronous scripts.
 """
@@ -26,7 +34,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +43,7 @@ import trio
 from podnet.cluster.endpoints import PodStatus, derive_endpoint_slices
 from podnet.cluster.ipalloc import ServiceIPAllocator, allocate_services
 from podnet.cluster.manifest import Manifests, load_manifests
-from podnet.cluster.model import Container, Pod
+from podnet.cluster.model import BUILTIN_NAMESPACES, Container, Pod, PodTemplate
 from podnet.core.conntrack import Conntrack
 from podnet.core.datapath import Datapath, NodeMode, PortKind
 from podnet.core.ipam import DiskStore, MemoryStore, Pool
@@ -43,19 +51,19 @@ from podnet.core.packet import ip_int
 from podnet.core.services.base import SyncReport
 from podnet.core.services.registry import backend_class
 from podnet.proxier import proxy_service_ports
+from podnet.deployments import DeploymentController, RolloutReport
 from podnet.errors import ConfigError
+from podnet.lifecycle import supervise, terminate_pod
 from podnet.linux import names
-from podnet.linux.netns import create_netns, delete_netns, popen_in_netns, run_in_netns
+from podnet.linux.netns import create_netns, delete_netns, run_in_netns
 from podnet.linux.pod import plumb_pod
-from podnet.linux.resources import Resources, state_dir_default
+from podnet.linux.resources import Entry, ResourceKind, Resources, state_dir_default
 from podnet.linux.tap import Tap, open_tap
-from podnet.probes import ReadinessTracker, run_probe
+from podnet.probes import ReadinessTracker
 from podnet.runtime.ports import FdPort
 from podnet.runtime.serve import Node
 
 log = logging.getLogger(__name__)
-
-_RESTART_BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)  # the kubelet's CrashLoopBackOff steps
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,10 @@ class ContainerState:
     exit_code: int | None = None
     readiness: ReadinessTracker | None = None
     log_path: str = ""
+    journal: Entry | None = None       # the process's journal entry while it runs
+    started: trio.Event = field(default_factory=trio.Event)   # first start attempted (or given up)
+    exited: trio.Event = field(default_factory=trio.Event)    # the current process has exited
+    pre_stop_s: float | None = None    # how long its preStop hook ran, once it was deleted
 
     @property
     def running(self) -> bool:
@@ -122,6 +134,11 @@ class PodState:
     port_id: int
     tap: Tap
     containers: list[ContainerState] = field(default_factory=list)
+    created: float = 0.0                    # creationTimestamp (trio clock)
+    ready_since: float | None = None        # when the Ready condition last turned true
+    deletion_timestamp: float | None = None  # set by delete: the pod is terminating
+    scope: trio.CancelScope | None = None   # its supervisors (containers and probes)
+    removed: trio.Event = field(default_factory=trio.Event)   # CNI DEL done, the pod is gone
 
     @property
     def name(self) -> str:
@@ -132,11 +149,28 @@ class PodState:
         return self.pod.meta.namespace
 
     @property
+    def key(self) -> str:
+        return self.pod.key
+
+    @property
     def ready(self) -> bool:
-        return all(c.ready for c in self.containers)
+        return bool(self.containers) and all(c.ready for c in self.containers)
+
+    @property
+    def terminating(self) -> bool:
+        return self.deletion_timestamp is not None
+
+    def note_readiness(self, now: float) -> None:
+        """Keep the Ready condition's lastTransitionTime (minReadySeconds counts from it)."""
+        if self.ready and self.ready_since is None:
+            self.ready_since = now
+        elif not self.ready:
+            self.ready_since = None
 
     @property
     def phase(self) -> str:
+        if self.terminating:
+            return "Terminating"  # what kubectl shows for a pod with a deletionTimestamp
         codes = [c.exit_code for c in self.containers]
         if all(c.running for c in self.containers):
             return "Running"
@@ -182,6 +216,12 @@ class Lab:
         self.external: ExternalClient | None = None
         self._taps: list[Tap] = []
         self._stopping = False
+        self._nursery: trio.Nursery | None = None
+        self._plumbing = trio.Lock()          # CNI ADDs one at a time (IPAM and netlink)
+        self._adding: set[str] = set()
+        self._state_changed = trio.Event()    # any pod started, exited, changed readiness or went
+        # the deployment and ReplicaSet controllers, one per Deployment ("namespace/name")
+        self.deployments = {d.key: DeploymentController(self, d) for d in self.manifests.deployments}
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -202,20 +242,41 @@ class Lab:
 
     # ---- Services: the EndpointSlice controller and kube-proxy's sync loop ---------------------
 
-    def endpoint_slices(self):
-        """The EndpointSlices the controller derives now, plus those the manifests give."""
-        status = {key: PodStatus(ip=p.ip, ready=p.ready, node_name=self.config.node_name)
+    def _pod_snapshot(self) -> tuple[list[Pod], dict[str, PodStatus]]:
+        """What the EndpointSlice controller reads: the pods, and what their node reports."""
+        status = {key: PodStatus(ip=p.ip, ready=p.ready, terminating=p.terminating, node_name=self.config.node_name)
                   for key, p in self.pods.items()}
-        derived = derive_endpoint_slices(self.manifests.services, self.manifests.pods, status, seed=self.config.seed)
+        return [p.pod for p in self.pods.values()], status
+
+    def _slices(self, pods: list[Pod], status: dict[str, PodStatus]):
+        derived = derive_endpoint_slices(self.manifests.services, pods, status, seed=self.config.seed)
         return derived + tuple(self.manifests.endpoint_slices)
 
+    def _proxy_ports(self, pods: list[Pod], status: dict[str, PodStatus]):
+        """kube-proxy's view of every Service port (pure: may run in a worker thread)."""
+        return proxy_service_ports(self.manifests.services, self._slices(pods, status), self.config.node_name)
+
+    def endpoint_slices(self):
+        """The EndpointSlices the controller derives now, plus those the manifests give."""
+        return self._slices(*self._pod_snapshot())
+
     def sync_services(self, *, full: bool = False) -> SyncReport:
-        """Program the backend for the Services as they are now. Runs in the datapath's thread,
-        so the datapath waits for it, as packets wait for the xt_lock on a real node."""
-        generation = self._generation
-        started = time.perf_counter()
-        ports = proxy_service_ports(self.manifests.services, self.endpoint_slices(), self.config.node_name)
-        built = time.perf_counter()
+        """Program the backend for the Services as they are now, all in the caller's thread (the
+        datapath's): used for a backend switch. The sync loop builds in a worker thread instead."""
+        generation, started = self._generation, time.perf_counter()
+        ports = self._proxy_ports(*self._pod_snapshot())
+        return self._apply(ports, full, generation, started, time.perf_counter())
+
+    async def _sync_in_loop(self, *, full: bool = False) -> SyncReport:
+        """kube-proxy builds its view of the Services outside the lock and holds the xt_lock only
+        for iptables-restore: here the view is built from a snapshot of the pods in a worker thread,
+        and only the backend's sync runs in the datapath's thread, which waits for it."""
+        generation, started = self._generation, time.perf_counter()
+        snapshot = self._pod_snapshot()
+        ports = await trio.to_thread.run_sync(self._proxy_ports, *snapshot, abandon_on_cancel=True)
+        return self._apply(ports, full, generation, started, time.perf_counter())
+
+    def _apply(self, ports, full: bool, generation: int, started: float, built: float) -> SyncReport:
         report = self.backend.sync(ports, full=full)
         done = time.perf_counter()
         # like MetalLB's L2 mode, the node answers ARP on its uplink for the LoadBalancer and
@@ -229,8 +290,9 @@ class Lab:
         for failure in report.detail.get("failed", ()):
             # e.g. a full BPF map (E2BIG): that Service is not programmed, the others are
             log.warning("%s sync: %s", self.backend.name, failure)
-        log.info("%s sync: %d service ports, %d written, %d total, %.1f ms", "full" if report.full else "partial",
-                 report.services, report.objects_written, report.objects_total, 1000 * (done - started))
+        log.info("%s sync: %d service ports, %d written, %d total, %.1f ms (datapath held %.1f ms)",
+                 "full" if report.full else "partial", report.services, report.objects_written,
+                 report.objects_total, 1000 * (done - started), 1000 * (done - built))
         return report
 
     def _make_backend(self, name: str):
@@ -256,17 +318,40 @@ class Lab:
         return report
 
     def endpoints_changed(self) -> None:
+        """A pod started, exited, changed readiness, began terminating or went: kube-proxy will
+        sync, and whoever waits in `wait_state_changed` wakes."""
         self._generation += 1
         self._endpoints_changed.set()
+        changed, self._state_changed = self._state_changed, trio.Event()
+        changed.set()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    async def wait_state_changed(self, generation: int, deadline: float) -> None:
+        """Until a pod changes after `generation` (see `generation`), or `deadline`."""
+        with trio.move_on_at(deadline):
+            while self._generation == generation:
+                await self._state_changed.wait()
 
     async def _proxy_loop(self) -> None:
-        """kube-proxy's loop: sync at once, then at most every min_sync_period_s after changes."""
-        self.sync_services(full=True)
+        """kube-proxy's sync runner (BoundedFrequencyRunner with burstSyncs 2): a change is synced
+        at once while the token bucket - 2 tokens, one back every min_sync_period_s - has a token,
+        else as soon as one comes back; changes that arrive meanwhile are synced together."""
+        period, burst = self.config.min_sync_period_s, 2.0
+        tokens, refilled = burst, trio.current_time()
         while True:
-            await self._endpoints_changed.wait()
+            now = trio.current_time()
+            tokens = min(burst, tokens + (now - refilled) / period) if period > 0 else burst
+            refilled = now
+            if tokens < 1:
+                await trio.sleep((1 - tokens) * period)
+                continue
+            tokens -= 1
             self._endpoints_changed = trio.Event()
-            await trio.sleep(self.config.min_sync_period_s)
-            self.sync_services(full=False)
+            await self._sync_in_loop(full=not self.syncs)
+            await self._endpoints_changed.wait()
 
     async def wait_synced(self, timeout_s: float = 30.0) -> None:
         """Until the backend reflects every readiness change seen so far."""
@@ -303,21 +388,33 @@ class Lab:
     # ---- bring-up ----------------------------------------------------------------------------
 
     def _plumb(self, pod: Pod) -> PodState:
-        """CNI ADD for one pod (blocking netlink work: runs in a worker thread)."""
+        """CNI ADD for one pod (blocking netlink work: runs in a worker thread). On failure it
+        undoes what it did, and never touches a netns it did not create."""
         key = _pod_netns_key(pod)
         netns = names.netns_name(key, self.config.prefix)
-        allocation = self.ipam.allocate(f"{pod.meta.namespace}/{pod.meta.name}", "eth0")
-        self.resources.record_netns(netns)
-        create_netns(netns)
-        tap = open_tap(names.tap_name(key, self.config.prefix), vnet_hdr=self.config.vnet_hdr,
-                       offloads=self.config.offloads)
+        allocation = self.ipam.allocate(pod.key, "eth0")
+        entry = self.resources.record_netns(netns)
+        created, tap = False, None
+        try:
+            create_netns(netns)
+            created = True
+            tap = open_tap(names.tap_name(key, self.config.prefix), vnet_hdr=self.config.vnet_hdr,
+                           offloads=self.config.offloads)
+            if self.config.mode is NodeMode.BRIDGE:
+                # cbr0 style: the node prefix on eth0, the bridge's .1 as an on-link gateway
+                mac = plumb_pod(tap, netns, str(allocation.ip), gateway=str(allocation.gateway),
+                                prefixlen=allocation.prefixlen)
+            else:
+                mac = plumb_pod(tap, netns, str(allocation.ip))
+        except BaseException:
+            if tap is not None:
+                tap.close()
+            if created:
+                delete_netns(netns)
+            self.resources.forget(entry)  # created or not, it is not ours to remove any more
+            self.ipam.release(pod.key, "eth0")
+            raise
         self._taps.append(tap)
-        if self.config.mode is NodeMode.BRIDGE:
-            # cbr0 style: the node prefix on eth0, the bridge's .1 as an on-link gateway
-            mac = plumb_pod(tap, netns, str(allocation.ip), gateway=str(allocation.gateway),
-                            prefixlen=allocation.prefixlen)
-        else:
-            mac = plumb_pod(tap, netns, str(allocation.ip))
         return PodState(pod, netns, str(allocation.ip), mac, 0, tap)
 
     def _plumb_uplink(self) -> tuple[str, str, str]:
@@ -352,67 +449,115 @@ class Lab:
         return await trio.to_thread.run_sync(exec_in_pod, self.external.netns, list(argv), timeout_s, input)
 
     async def _add_pod(self, pod: Pod) -> PodState:
-        state = await trio.to_thread.run_sync(self._plumb, pod)
-        state.port_id = self.datapath.add_port(f"{state.namespace}/{state.name}", PortKind.POD, state.mac, state.ip)
+        async with self._plumbing:
+            state = await trio.to_thread.run_sync(self._plumb, pod)
+        state.created = trio.current_time()
+        state.port_id = self.datapath.add_port(state.key, PortKind.POD, state.mac, state.ip)
         self.node.attach(state.port_id, FdPort(state.tap.fd, vnet_hdr=state.tap.vnet_hdr, name=state.name))
-        self.pods[f"{state.namespace}/{state.name}"] = state
+        self.pods[state.key] = state
         return state
 
-    def _start_container(self, state: PodState, cs: ContainerState) -> None:
-        c = cs.container
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        cs.log_path = str(self.log_dir / f"{state.namespace}_{state.name}_{c.name}.log")
+    async def add_pod(self, pod: Pod) -> PodState:
+        """Create a pod on the running node: CNI ADD, then its containers and probes, supervised
+        in the lab's nursery. Returns once it is plumbed; `wait_pod_ready` waits for Ready."""
+        namespaces = BUILTIN_NAMESPACES | {ns.name for ns in self.manifests.namespaces}
+        if pod.namespace not in namespaces:
+            raise ConfigError(f'Pod "{pod.key}": metadata.namespace: namespace "{pod.namespace}" not found')
+        if pod.key in self.pods or pod.key in self._adding:
+            raise ConfigError(f'Pod "{pod.key}": metadata.name: already exists')
+        if self._nursery is None:
+            raise RuntimeError("the lab is not running")
+        self._adding.add(pod.key)
+        try:
+            state = await self._add_pod(pod)
+        finally:
+            self._adding.discard(pod.key)
+        self._start_pod(state)
+        self.endpoints_changed()
+        return state
+
+    def _start_pod(self, state: PodState) -> None:
+        state.containers = [ContainerState(c) for c in state.pod.containers]
+        self._nursery.start_soon(self._run_pod, state)
+
+    async def _run_pod(self, state: PodState) -> None:
+        with trio.CancelScope() as state.scope:
+            async with trio.open_nursery() as nursery:
+                for cs in state.containers:
+                    nursery.start_soon(supervise, self, state, cs)
+
+    def container_env(self, state: PodState, c: Container) -> dict[str, str]:
         env = dict(os.environ)
         env.update({"HOSTNAME": state.name, "POD_NAME": state.name, "POD_NAMESPACE": state.namespace,
                     "POD_IP": state.ip})
         env.update(dict(c.env))
-        with open(cs.log_path, "ab") as logf:
-            cs.process = popen_in_netns(state.netns, list(c.command) + list(c.args), env=env,
-                                        cwd=c.working_dir or None, stdin=subprocess.DEVNULL,
-                                        stdout=logf, stderr=subprocess.STDOUT)
-        self.resources.record_process(cs.process.pid, name=f"{state.name}/{c.name}")
-        cs.exit_code = None
-        if c.readiness_probe is not None:
-            cs.readiness = ReadinessTracker(c.readiness_probe)
+        return env
 
-    async def _supervise(self, state: PodState, cs: ContainerState) -> None:
-        """Start a container, restart it per restartPolicy, and run its readiness probe."""
-        await trio.to_thread.run_sync(self._start_container, state, cs)
+    def pod_changed(self, state: PodState) -> None:
+        state.note_readiness(trio.current_time())
         self.endpoints_changed()
-        probe = cs.container.readiness_probe
-        next_probe = trio.current_time() + (probe.initial_delay_seconds if probe else 0)
-        while not self._stopping:
-            code = cs.process.poll() if cs.process else None
-            if code is not None:
-                cs.exit_code = code
-                self.endpoints_changed()  # a container that died is not ready
-                policy = state.pod.restart_policy
-                if policy == "Never" or (policy == "OnFailure" and code == 0):
-                    return
-                delay = _RESTART_BACKOFF_S[min(cs.restarts, len(_RESTART_BACKOFF_S) - 1)]
-                log.warning("%s/%s exited with %s; restarting in %ss", state.name, cs.container.name, code, delay)
-                await trio.sleep(delay)
-                cs.restarts += 1
-                await trio.to_thread.run_sync(self._start_container, state, cs)
-                continue
-            if probe is not None and cs.readiness is not None and trio.current_time() >= next_probe:
-                ok, message = await trio.to_thread.run_sync(run_probe, state.netns, state.ip, cs.container, probe)
-                was = state.ready
-                cs.readiness.record(ok, message)
-                if state.ready != was:
-                    self.endpoints_changed()
-                # probe fast until ready so a lab comes up quickly, then at periodSeconds
-                period = probe.period_seconds if cs.readiness.ready else min(probe.period_seconds, 0.2)
-                next_probe = trio.current_time() + period
-            await trio.sleep(0.05)
+
+    # ---- deletion: the kubelet's graceful termination, then CNI DEL ------------------------------
+
+    def begin_delete(self, state: PodState, grace_period_s: float | None = None) -> trio.Event:
+        """Set the pod's deletionTimestamp and start terminating it in the background (`kubectl
+        delete --wait=false`); returns the event set once it is gone. Deleting twice is harmless."""
+        if not state.terminating:
+            state.deletion_timestamp = trio.current_time()
+            grace = next(g for g in (grace_period_s, self.config.grace_period_s,
+                                     state.pod.termination_grace_period_seconds) if g is not None)
+            self.endpoints_changed()  # the EndpointSlice controller marks it terminating
+            self._nursery.start_soon(self._delete, state, float(grace))
+        return state.removed
+
+    async def delete_pod(self, name: str, namespace: str | None = None, *, grace_period_s: float | None = None,
+                         wait: bool = True) -> None:
+        """Delete a pod gracefully, as `kubectl delete pod` with the kubelet behind it (see
+        `podnet.lifecycle`); with `wait`, return once its netns, port and address are gone."""
+        removed = self.begin_delete(self.pod(name, namespace), grace_period_s)
+        if wait:
+            await removed.wait()
+
+    async def _delete(self, state: PodState, grace_s: float) -> None:
+        await terminate_pod(self, state, grace_s)
+        if state.scope is not None:
+            state.scope.cancel()  # probes of exited containers
+        # CNI DEL: the port and its /32 route, the TAP, the netns, the address
+        await self.node.detach_and_wait(state.port_id)
+        self.datapath.remove_port(state.port_id)
+        await trio.to_thread.run_sync(self._unplumb, state)
+        del self.pods[state.key]
+        self.endpoints_changed()
+        state.removed.set()
+
+    def _unplumb(self, state: PodState) -> None:
+        """CNI DEL's blocking part (a worker thread: destroying a netdev waits for RTNL and RCU)."""
+        delete_netns(state.netns)
+        state.tap.close()
+        self._taps.remove(state.tap)
+        self.resources.forget(Entry(ResourceKind.NETNS, state.netns))
+        self.ipam.release(state.key, "eth0")
+
+    def _unready(self) -> list[str]:
+        waiting = [f"{p.key} ({self._why_not_ready(p)})" for p in self.pods.values()
+                   if not p.ready and not p.terminating]
+        return waiting + [f"{d.key} ({d.message})" for d in self.deployments.values() if not d.complete]
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until every pod is Ready and every Deployment is rolled out (terminating pods aside)."""
         with trio.move_on_after(timeout_s):
-            while not all(p.ready for p in self.pods.values()):
-                await trio.sleep(0.05)
+            while self._unready():
+                await self.wait_state_changed(self._generation, trio.current_time() + 0.25)
             return
-        waiting = [f"{p.namespace}/{p.name} ({self._why_not_ready(p)})" for p in self.pods.values() if not p.ready]
-        raise TimeoutError(f"pods not ready after {timeout_s:.0f} s: {', '.join(waiting)}")
+        raise TimeoutError(f"not ready after {timeout_s:.0f} s: {', '.join(self._unready())}")
+
+    async def wait_pod_ready(self, name: str, namespace: str | None = None, timeout_s: float = 30.0) -> PodState:
+        state = self.pod(name, namespace)
+        with trio.move_on_after(timeout_s):
+            while not state.ready:
+                await self.wait_state_changed(self._generation, trio.current_time() + 0.25)
+            return state
+        raise TimeoutError(f"pod {state.key} not ready after {timeout_s:.0f} s: {self._why_not_ready(state)}")
 
     @staticmethod
     def _why_not_ready(state: PodState) -> str:
@@ -421,7 +566,28 @@ class Lab:
                 return f"container {cs.container.name} not running, exit code {cs.exit_code}; log {cs.log_path}"
             if cs.readiness is not None and not cs.readiness.ready:
                 return f"container {cs.container.name} readiness: {cs.readiness.last_message or 'not probed yet'}"
-        return "?"
+        return "not started" if not state.containers else "?"
+
+    # ---- Deployments -------------------------------------------------------------------------
+
+    def deployment(self, namespace: str, name: str) -> DeploymentController:
+        try:
+            return self.deployments[f"{namespace}/{name}"]
+        except KeyError:
+            raise KeyError(f"no deployment {name!r} in namespace {namespace!r}") from None
+
+    async def rollout(self, namespace: str, name: str, *, env: Mapping[str, str] | None = None,
+                      container: str | None = None, template: PodTemplate | None = None,
+                      timeout_s: float | None = None, on_progress=None) -> RolloutReport:
+        """Change a Deployment's pod template (`env`, as `kubectl set env`, or a whole `template`)
+        and wait until `kubectl rollout status` would say it rolled out; see `podnet.deployments`."""
+        return await self.deployment(namespace, name).rollout(
+            env=env, container=container, template=template, timeout_s=timeout_s, on_progress=on_progress)
+
+    async def scale(self, namespace: str, name: str, replicas: int, *,
+                    timeout_s: float | None = None) -> RolloutReport:
+        """`kubectl scale deployment --replicas`, and wait until it is done."""
+        return await self.deployment(namespace, name).scale(replicas, timeout_s=timeout_s)
 
     # ---- commands inside pods ----------------------------------------------------------------
 
@@ -491,17 +657,17 @@ async def open_lab(manifests: Manifests | Sequence[str | os.PathLike], config: L
         lab = Lab(manifests, config, resources)
         try:
             async with trio.open_nursery() as nursery:
+                lab._nursery = nursery
                 await nursery.start(lab.node.serve)
                 if config.uplink:
                     await lab._add_uplink()
                 for pod in manifests.pods:
                     await lab._add_pod(pod)
-                for state in lab.pods.values():
-                    for container in state.pod.containers:
-                        cs = ContainerState(container)
-                        state.containers.append(cs)
-                        nursery.start_soon(lab._supervise, state, cs)
+                for state in list(lab.pods.values()):
+                    lab._start_pod(state)
                 nursery.start_soon(lab._proxy_loop)
+                for controller in lab.deployments.values():
+                    nursery.start_soon(controller.run)
                 if wait_ready_s is not None:
                     await lab.wait_ready(wait_ready_s)
                     await lab.wait_synced(wait_ready_s + 2 * config.min_sync_period_s)
@@ -553,6 +719,34 @@ class SyncLab:
 
     def wait_synced(self, timeout_s: float = 30.0) -> None:
         trio.from_thread.run(self.lab.wait_synced, timeout_s, trio_token=self._token)
+
+    def _run(self, fn, *args, **kw):
+        return trio.from_thread.run(lambda: fn(*args, **kw), trio_token=self._token)
+
+    def add_pod(self, pod: Pod) -> PodState:
+        return self._run(self.lab.add_pod, pod)
+
+    def delete_pod(self, name: str, namespace: str | None = None, **kw) -> None:
+        self._run(self.lab.delete_pod, name, namespace, **kw)
+
+    def wait_pod_ready(self, name: str, namespace: str | None = None, timeout_s: float = 30.0) -> PodState:
+        return self._run(self.lab.wait_pod_ready, name, namespace, timeout_s)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        self._run(self.lab.wait_ready, timeout_s)
+
+    def rollout(self, namespace: str, name: str, **kw) -> RolloutReport:
+        """As `Lab.rollout`; an `on_progress` callback runs in the lab's thread."""
+        return self._run(self.lab.rollout, namespace, name, **kw)
+
+    def scale(self, namespace: str, name: str, replicas: int, **kw) -> RolloutReport:
+        return self._run(self.lab.scale, namespace, name, replicas, **kw)
+
+    def deployment_pods(self, namespace: str, name: str) -> list[PodState]:
+        return trio.from_thread.run_sync(lambda: self.lab.deployment(namespace, name).pods(), trio_token=self._token)
+
+    def sync_summary(self) -> dict:
+        return trio.from_thread.run_sync(self.lab.sync_summary, trio_token=self._token)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@ Layer: lab (cluster model + core; no namespaces, no TAPs, no root, no clock). `b
 runs, in memory, the parts of `podnet.lab` that decide the Service rules:
 
     allocate_services (the API server's ClusterIPs and node ports)
-    → IPAM in host-local's order (a `core.ipam.Pool` on the node CIDR, pods in manifest order,
-      owner "namespace/name", interface eth0: what `Lab._plumb` asks of it)
+    → IPAM in host-local's order (a `core.ipam.Pool` on the node CIDR, pods in manifest order, then
+      each Deployment's first `replicas` pods, named as its controller names them; owner
+      "namespace/name", interface eth0: what `Lab._plumb` asks of it)
     → every pod Ready → the EndpointSlice controller, plus the manifests' own EndpointSlices
     → kube-proxy's view for this node (`proxier.proxy_service_ports`)
     → the Service backend, synced once in full
@@ -13,7 +14,9 @@ runs, in memory, the parts of `podnet.lab` that decide the Service rules:
 Invariant: for the same manifests and the same `LabConfig`, the rules equal those of a lab brought
 up from a fresh state directory once every pod is Ready (`podnet iptables-save` live and
 `podnet iptables-save -f` agree, counters and the date line aside). A pod that a live lab never
-gets Ready (a failing probe, a container that exits) is the one way they differ.
+gets Ready (a failing probe, a container that exits) is one way they differ; the other is a
+Deployment's pods, which the lab plumbs as its controller creates them, so they get the same names
+but their addresses can come in another order.
 
     node = build_offline_node(load_manifests(["pods.yaml"]))
     print(node.ruleset.save())
@@ -31,12 +34,14 @@ from podnet.cluster.endpoints import PodStatus, derive_endpoint_slices
 from podnet.cluster.ipalloc import ServiceIPAllocator, allocate_services
 from podnet.cluster.manifest import load_manifests
 from podnet.cluster.model import Manifests
+from podnet.cluster.rollout import name_draws, new_pod, template_hash
 from podnet.cluster.service import EndpointSlice
 from podnet.core.datapath import Datapath
 from podnet.core.ipam import MemoryStore, Pool
 from podnet.core.services.base import ProxyServicePort, ServiceBackend, SyncReport
 from podnet.core.services.iptables import Outcome, Ruleset
 from podnet.core.services.registry import backend_class
+from podnet.deployments import check_deployment
 from podnet.errors import ConfigError
 from podnet.inspection import trace_connection
 from podnet.lab import LabConfig
@@ -81,11 +86,19 @@ def build_offline_node(manifests: Manifests | Sequence[str | os.PathLike],
     config = config or LabConfig()
     manifests = allocate_services(manifests, ServiceIPAllocator(config.service_cidr, seed=config.seed))
     ipam = Pool(config.node_cidr, name=config.node_name, store=MemoryStore())
+    pods = list(manifests.pods)
+    for deployment in manifests.deployments:  # the pods its controller creates first, named as the lab names them
+        check_deployment(deployment)
+        rng, pod_hash = name_draws(config.seed, deployment), template_hash(deployment.template)
+        taken = {p.name for p in pods if p.namespace == deployment.namespace}
+        for _ in range(deployment.replicas):
+            pods.append(pod := new_pod(deployment, pod_hash, rng, taken))
+            taken.add(pod.name)
     pod_ips = {f"{pod.meta.namespace}/{pod.meta.name}":
                str(ipam.allocate(f"{pod.meta.namespace}/{pod.meta.name}", "eth0").ip)
-               for pod in manifests.pods}
+               for pod in pods}
     status = {key: PodStatus(ip=ip, ready=True, node_name=config.node_name) for key, ip in pod_ips.items()}
-    slices = derive_endpoint_slices(manifests.services, manifests.pods, status, seed=config.seed)
+    slices = derive_endpoint_slices(manifests.services, pods, status, seed=config.seed)
     slices += tuple(manifests.endpoint_slices)
     ports = proxy_service_ports(manifests.services, slices, config.node_name)
     # the datapath decides which addresses are the node's own; ask it rather than repeat its rule

@@ -155,9 +155,10 @@ def test_argv_without_command_is_a_config_error():
 
 
 def test_registry_is_explicit():
-    assert sorted(KINDS) == ["EndpointSlice", "Namespace", "Node", "Pod", "Service"]
+    assert sorted(KINDS) == ["Deployment", "EndpointSlice", "Namespace", "Node", "Pod", "Service"]
     assert {kind: spec.api_version for kind, spec in KINDS.items()
-            if spec.api_version != "v1"} == {"EndpointSlice": "discovery.k8s.io/v1"}
+            if spec.api_version != "v1"} == {"EndpointSlice": "discovery.k8s.io/v1",
+                                               "Deployment": "apps/v1"}
     assert sorted(Manifests.FIELDS) == sorted(KINDS)
 
 
@@ -168,14 +169,14 @@ NAMESPACE_DOC = "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n---\n"
 BAD = [
     # (id, manifest text, substrings the message must contain besides the file name)
     ("unknown kind", NAMESPACE_DOC + "apiVersion: v1\nkind: Pdo\nmetadata: {name: web}\n",
-     ['document 2 (Pdo/web): unknown kind "Pdo" (supported: EndpointSlice, Namespace, Node, '
-      'Pod, Service)']),
-    ("Deployment is not supported",
-     "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n",
-     ['document 1 (Deployment/web): unknown kind "Deployment"']),
+     ['document 2 (Pdo/web): unknown kind "Pdo" (supported: Deployment, EndpointSlice, Namespace, '
+      'Node, Pod, Service)']),
+    ("ReplicaSet is not supported (Deployment is)",
+     "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: web}\n",
+     ['document 1 (ReplicaSet/web): unknown kind "ReplicaSet"']),
     ("Endpoints is not supported (EndpointSlice is)",
      "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\n",
-     ['document 1 (Endpoints/web): unknown kind "Endpoints" (supported: EndpointSlice, ']),
+     ['document 1 (Endpoints/web): unknown kind "Endpoints" (supported: Deployment, EndpointSlice, ']),
     ("missing kind", "apiVersion: v1\nmetadata: {name: web}\n",
      ["document 1 (web): kind: required"]),
     ("missing metadata", "apiVersion: v1\nkind: Pod\nspec: {}\n",
@@ -309,7 +310,7 @@ def test_bad_manifest_names_file_object_and_field(text, expected):
 
 @pytest.mark.parametrize(("name", "expected"), [
     ("bad-kind.yaml", 'bad-kind.yaml: document 2 (Pdo/web): unknown kind "Pdo" '
-                      "(supported: EndpointSlice, Namespace, Node, Pod, Service)"),
+                      "(supported: Deployment, EndpointSlice, Namespace, Node, Pod, Service)"),
     ("bad-port.yaml", 'bad-port.yaml: Pod "default/web-1": spec.containers[0].ports[0]'
                       '.containerPort: must be an integer between 1 and 65535, got "http"'),
     ("bad-syntax.yaml", "bad-syntax.yaml: line 9, column 7: invalid YAML"),

@@ -66,3 +66,23 @@ async def test_detach_stops_serving_a_port():
         nursery.cancel_scope.cancel()
     assert pb.sent == []  # port 2 has no I/O attached any more
     assert dp.statistics().ports[0].rx_packets == 1
+
+
+async def test_detach_and_wait_returns_once_the_port_task_let_go():
+    dp, node, pa, pb = _node()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        pa.inject(frames.udp(A_IP, B_IP))   # the task of port 1 is woken ...
+        await node.detach_and_wait(1)        # ... and may finish that frame, but then it is gone
+        assert 1 not in node._active and 1 not in node.ports
+        pa.inject(frames.udp(A_IP, B_IP))
+        await node.detach_and_wait(1)        # twice is harmless
+        # a port detached before its task first ran never touches the port
+        late = MemoryPort("late")
+        node.attach(3, late)
+        await node.detach_and_wait(3)
+        late.inject(frames.udp(A_IP, B_IP))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert len(pa.inbox) == 1 and len(late.inbox) == 1   # nobody read them

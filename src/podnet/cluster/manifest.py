@@ -18,13 +18,19 @@ YAML and `kind: List`; empty documents skipped; a key given twice in one mapping
 kubectl's decoder); apiVersion per kind; apimachinery's name rules and messages; unknown fields
 ignored (the API server prunes them); `null` means "not set"; probe timings of 0 take their
 defaults (`SetDefaults_Probe`). Where podnet cannot honour a valid field (no images, so `command`
-is required; `hostNetwork`; `initContainers`; `env[].valueFrom`; gRPC probes) it says so rather
-than silently doing less.
+is required; `hostNetwork`; `initContainers`; `env[].valueFrom`; gRPC probes; postStart hooks;
+a paused Deployment; selector matchExpressions) it says so rather than silently doing less.
+A Deployment (apps/v1) is checked as ValidateDeploymentSpec checks it - a non-empty selector that
+selects the template's labels, restartPolicy Always, maxSurge/maxUnavailable as a count or a
+percent (not both 0, maxUnavailable at most 100%), no rollingUpdate with Recreate,
+progressDeadlineSeconds above minReadySeconds - and its template is read by the Pod's own parser,
+so its errors name `spec.template.spec.containers[0]...`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn
@@ -33,9 +39,11 @@ import yaml
 
 from podnet.errors import ConfigError
 
-from .model import (DEFAULT_NAMESPACE, PROTOCOLS, RESTART_POLICIES, URI_SCHEMES, ClusterObject,
-                    Container, ContainerPort, ExecAction, HTTPGetAction, Manifests, Namespace,
-                    Node, NodeAddress, ObjectMeta, Origin, Pod, Probe, TCPSocketAction,
+from .model import (DEFAULT_NAMESPACE, DEPLOYMENT_STRATEGY_TYPES, PROTOCOLS, RESTART_POLICIES,
+                    URI_SCHEMES, ClusterObject, Container, ContainerPort, Deployment,
+                    DeploymentStrategy, ExecAction, HTTPGetAction, IntOrPercent, Lifecycle,
+                    Manifests, Namespace, Node, NodeAddress, ObjectMeta, Origin, Pod, PodTemplate,
+                    Probe, RollingUpdateDeployment, SleepAction, TCPSocketAction,
                     dns1035_label_problem, dns1123_label_problem, dns1123_subdomain_problem,
                     label_value_problem, port_name_problem, qualified_name_problem)
 from .model import show_value as _show
@@ -167,7 +175,11 @@ def _parse_node(doc: FieldReader, meta: ObjectMeta) -> Node:
 
 
 def _parse_pod(doc: FieldReader, meta: ObjectMeta) -> Pod:
-    spec = doc.mapping("spec", required=True)
+    return Pod(meta, **_parse_pod_spec(doc.mapping("spec", required=True)))
+
+
+def _parse_pod_spec(spec: FieldReader) -> dict[str, Any]:
+    """A pod spec (a Pod's, or a Deployment's spec.template.spec) as `Pod` keyword arguments."""
     if spec.data.get("hostNetwork") is True:
         spec.fail("hostNetwork", "not supported: podnet gives every pod its own network namespace")
     if spec.data.get("initContainers"):
@@ -190,10 +202,16 @@ def _parse_pod(doc: FieldReader, meta: ObjectMeta) -> Pod:
     node_name = spec.string("nodeName")
     if node_name is not None:
         spec.check_name("nodeName", node_name, dns1123_subdomain_problem)
-    return Pod(meta, tuple(containers), node_name,
-               restart_policy=spec.string("restartPolicy", "Always", choices=RESTART_POLICIES),
-               termination_grace_period_seconds=spec.integer("terminationGracePeriodSeconds", 30,
-                                                             low=0))
+    grace = spec.integer("terminationGracePeriodSeconds", 30, low=0)
+    for reader, container in zip(readers, containers):
+        hook = container.lifecycle.pre_stop if container.lifecycle else None
+        if isinstance(hook, SleepAction) and not 0 <= hook.seconds <= grace:
+            # validateSleepAction (sleep 0 allowed since PodLifecycleSleepActionAllowZero)
+            reader.fail("lifecycle.preStop.sleep.seconds", "must be non-negative and less than "
+                        f"terminationGracePeriodSeconds ({grace}), got {hook.seconds}")
+    return {"containers": tuple(containers), "node_name": node_name,
+            "restart_policy": spec.string("restartPolicy", "Always", choices=RESTART_POLICIES),
+            "termination_grace_period_seconds": grace}
 
 
 def _parse_container(reader: FieldReader) -> Container:
@@ -229,7 +247,36 @@ def _parse_container(reader: FieldReader) -> Container:
         readiness_probe=(_parse_probe(probe, ports, reader.at("ports"))
                          if reader.raw("readinessProbe") is not None else None),
         working_dir=reader.string("workingDir"),
+        lifecycle=_parse_lifecycle(reader.mapping("lifecycle"), ports, reader.at("ports")),
     )
+
+
+def _parse_lifecycle(lifecycle: FieldReader, ports: list[ContainerPort],
+                     ports_path: str) -> Lifecycle | None:
+    """lifecycle.preStop with one handler: exec, httpGet or sleep (validateLifecycle)."""
+    if lifecycle.data.get("postStart") is not None:
+        lifecycle.fail("postStart", "not supported by podnet; only preStop hooks run")
+    if lifecycle.raw("preStop") is None:
+        return None
+    hook = lifecycle.mapping("preStop")
+    handlers = [key for key in ("exec", "httpGet", "tcpSocket", "sleep")
+                if hook.data.get(key) is not None]
+    if len(handlers) != 1:
+        hook.fail("", f"may not specify more than 1 handler type, got {', '.join(handlers)}"
+                  if handlers else "must specify a handler type (one of exec, httpGet, sleep)")
+    action = hook.mapping(kind := handlers[0])
+    if kind == "tcpSocket":
+        hook.fail("tcpSocket", "not supported: the kubelet never runs a tcpSocket lifecycle "
+                  "handler (kept in the API for backward compatibility); use exec, httpGet or sleep")
+    if kind == "exec":
+        handler = ExecAction(action.strings("command") or action.fail("command", "required"))
+    elif kind == "sleep":
+        handler = SleepAction(action.integer("seconds", required=True))
+    else:
+        handler = HTTPGetAction(_probe_port(action, ports, ports_path), action.string("path", "/"),
+                                action.string("host"),
+                                action.string("scheme", "HTTP", choices=URI_SCHEMES))
+    return Lifecycle(pre_stop=handler)
 
 
 def _parse_probe(probe: FieldReader, ports: list[ContainerPort], ports_path: str) -> Probe:
@@ -274,6 +321,78 @@ def _probe_port(action: FieldReader, ports: list[ContainerPort], ports_path: str
                 f"{ports_path}, got {_show(value)}")
 
 
+_PERCENT = re.compile(r"[0-9]+%")
+
+
+def _int_or_percent(reader: FieldReader, key: str, default: IntOrPercent) -> IntOrPercent:
+    """ValidatePositiveIntOrPercent: a non-negative integer or a string such as "25%"."""
+    value = reader.raw(key)
+    if value is None:
+        return default
+    if isinstance(value, str):
+        if not _PERCENT.fullmatch(value):
+            reader.fail(key, "a valid percent string must be a numeric string followed by an ending "
+                        "'%' (e.g. '1%',  or '93%', regex used for validation is '[0-9]+%'), got "
+                        f"{_show(value)}")
+        return value
+    if type(value) is not int or value < 0:
+        reader.fail(key, f"must be greater than or equal to 0, got {_show(value)}")
+    return value
+
+
+def _is_zero(value: IntOrPercent) -> bool:
+    return value in (0, "0%") or (isinstance(value, str) and int(value[:-1]) == 0)
+
+
+def _parse_deployment(doc: FieldReader, meta: ObjectMeta) -> Deployment:
+    """apps/v1 Deployment as ValidateDeployment checks it; its template through the Pod's parser."""
+    spec = doc.mapping("spec", required=True)
+    replicas = spec.integer("replicas", 1, low=0)
+    if spec.data.get("paused") is True:
+        spec.fail("paused", "not supported by podnet: a paused Deployment would silently not roll out")
+    selector = spec.mapping("selector", required=True)
+    if selector.data.get("matchExpressions"):
+        selector.fail("matchExpressions", "not supported by podnet; use matchLabels")
+    match_labels = selector.string_map("matchLabels", labels=True)
+    if not match_labels:
+        spec.fail("selector", "empty selector is invalid for deployment")
+    template = spec.mapping("template", required=True)
+    template_meta = template.mapping("metadata")
+    labels = template_meta.string_map("labels", labels=True)
+    if any(labels.get(k) != v for k, v in match_labels.items()):
+        template_meta.fail("labels", f"`selector` does not match template `labels` (selector "
+                           f"{_show(match_labels)}, labels {_show(labels)})")
+    pod = _parse_pod_spec(template.mapping("spec", required=True))
+    if pod["restart_policy"] != "Always":
+        template.mapping("spec").fail("restartPolicy", 'Unsupported value: '
+                                      f'{_show(pod["restart_policy"])}: supported values: "Always"')
+    strategy = spec.mapping("strategy")
+    kind = strategy.string("type", "RollingUpdate", choices=DEPLOYMENT_STRATEGY_TYPES)
+    rolling = None
+    if kind == "Recreate":
+        if strategy.raw("rollingUpdate") is not None:
+            strategy.fail("rollingUpdate", "may not be specified when strategy `type` is 'Recreate'")
+    else:
+        update = strategy.mapping("rollingUpdate")
+        surge = _int_or_percent(update, "maxSurge", "25%")
+        unavailable = _int_or_percent(update, "maxUnavailable", "25%")
+        if isinstance(unavailable, str) and int(unavailable[:-1]) > 100:
+            update.fail("maxUnavailable", f"must not be greater than 100%, got {_show(unavailable)}")
+        if _is_zero(surge) and _is_zero(unavailable):
+            update.fail("maxUnavailable", f"may not be 0 when `maxSurge` is 0, got {_show(unavailable)}")
+        rolling = RollingUpdateDeployment(surge, unavailable)
+    min_ready = spec.integer("minReadySeconds", 0, low=0)
+    deadline = spec.integer("progressDeadlineSeconds", 600, low=0)
+    if deadline <= min_ready:
+        spec.fail("progressDeadlineSeconds", f"must be greater than minReadySeconds ({min_ready}), "
+                  f"got {deadline}")
+    return Deployment(meta, PodTemplate(labels, template_meta.string_map("annotations", labels=False),
+                                        **pod),
+                      selector=match_labels, replicas=replicas,
+                      strategy=DeploymentStrategy(kind, rolling), min_ready_seconds=min_ready,
+                      progress_deadline_seconds=deadline)
+
+
 @dataclass(frozen=True)
 class KindSpec:
     """How one kind is read: its apiVersion, scope, name rule and parser. A new kind also needs
@@ -292,6 +411,7 @@ KINDS: Mapping[str, KindSpec] = {
     "Service": KindSpec("v1", True, dns1035_label_problem, parse_service),
     "EndpointSlice": KindSpec("discovery.k8s.io/v1", True, dns1123_subdomain_problem,
                               parse_endpoint_slice),
+    "Deployment": KindSpec("apps/v1", True, dns1123_subdomain_problem, _parse_deployment),
 }
 
 

@@ -17,15 +17,18 @@ Invariants:
   name, and every namespaced object's namespace is built in or declared in the set.
 
 Kubernetes behaviour followed: core/v1 `ObjectMeta`, `Namespace`, `Node`, `Pod`, `Container`,
-`ContainerPort`, `Probe` and their defaulting (`SetDefaults_Probe`, `SetDefaults_PodSpec`);
-k8s.io/apimachinery/pkg/util/validation for names.
+`ContainerPort`, `Probe`, `Lifecycle` (preStop) and their defaulting (`SetDefaults_Probe`,
+`SetDefaults_PodSpec`); apps/v1 `Deployment` with `SetDefaults_Deployment` (1 replica,
+RollingUpdate 25%/25%, progressDeadlineSeconds 600); k8s.io/apimachinery/pkg/util/validation for
+names. One convenience for Python callers: a `Deployment` built without a selector selects its
+template's labels (the manifest parser, like apps/v1, requires spec.selector).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from types import MappingProxyType
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Mapping,
@@ -229,6 +232,25 @@ ProbeHandler = TCPSocketAction | HTTPGetAction | ExecAction
 
 
 @dataclass(frozen=True)
+class SleepAction:
+    """A preStop hook that only waits (PodLifecycleSleepAction, GA in 1.34): `seconds` at most the
+    pod's terminationGracePeriodSeconds."""
+
+    seconds: int
+
+
+LifecycleHandler = ExecAction | HTTPGetAction | SleepAction
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """lifecycle of a container: the preStop hook the kubelet runs before SIGTERM. Its time counts
+    against terminationGracePeriodSeconds; after it the container still gets at least 2 s."""
+
+    pre_stop: LifecycleHandler | None = None
+
+
+@dataclass(frozen=True)
 class Probe:
     """A probe has exactly one handler; timings default as in Kubernetes' SetDefaults_Probe."""
 
@@ -257,6 +279,7 @@ class Container:
     env: tuple[tuple[str, str], ...] = ()
     readiness_probe: Probe | None = None
     working_dir: str | None = None
+    lifecycle: Lifecycle | None = None
 
     def port_number(self, port: int | str) -> int:
         """Resolve a probe or targetPort value: a number is itself, a name a declared port's."""
@@ -302,12 +325,94 @@ class Pod(_Namespaced):
         return container.command + container.args
 
 
+# --- Deployments (apps/v1) ---------------------------------------------------------------------
+
+DeploymentStrategyType = Literal["RollingUpdate", "Recreate"]
+DEPLOYMENT_STRATEGY_TYPES: tuple[DeploymentStrategyType, ...] = ("Recreate", "RollingUpdate")
+IntOrPercent = Union[int, str]  # 3 or "25%" (intstr.IntOrString)
+
+
+@dataclass(frozen=True)
+class PodTemplate:
+    """spec.template of a Deployment: the labels and annotations its pods get, and their spec."""
+
+    labels: Mapping[str, str] = field(default_factory=_frozen_mapping, hash=False)
+    annotations: Mapping[str, str] = field(default_factory=_frozen_mapping, hash=False)
+    containers: tuple[Container, ...] = ()
+    node_name: str | None = None
+    restart_policy: RestartPolicy = "Always"
+    termination_grace_period_seconds: int = 30
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen_mapping(self.labels))
+        object.__setattr__(self, "annotations", _frozen_mapping(self.annotations))
+
+    @classmethod
+    def of(cls, pod: Pod) -> PodTemplate:
+        """The template a pod spec makes (its labels and annotations included)."""
+        return cls(pod.meta.labels, pod.meta.annotations, pod.containers, pod.node_name,
+                   pod.restart_policy, pod.termination_grace_period_seconds)
+
+    def pod(self, name: str, namespace: str, extra_labels: Mapping[str, str] | None = None) -> Pod:
+        """A pod made from this template (what the ReplicaSet controller creates)."""
+        meta = ObjectMeta(name, namespace, {**self.labels, **(extra_labels or {})}, self.annotations)
+        return Pod(meta, self.containers, self.node_name, self.restart_policy,
+                   self.termination_grace_period_seconds)
+
+    def with_env(self, env: Mapping[str, str], container: str | None = None) -> PodTemplate:
+        """`kubectl set env`: set variables in every container (or the one named), keeping order."""
+        if container is not None and all(c.name != container for c in self.containers):
+            raise ConfigError(f'pod template has no container "{container}"')
+        changed = []
+        for c in self.containers:
+            if container is None or c.name == container:
+                kept = tuple((k, v) for k, v in c.env if k not in env)
+                c = replace(c, env=kept + tuple((k, str(v)) for k, v in env.items()))
+            changed.append(c)
+        return replace(self, containers=tuple(changed))
+
+
+@dataclass(frozen=True)
+class RollingUpdateDeployment:
+    """spec.strategy.rollingUpdate: how many pods above `replicas` may exist during an update
+    (surge, rounded up from a percent) and how many below it may be unavailable (rounded down)."""
+
+    max_surge: IntOrPercent = "25%"
+    max_unavailable: IntOrPercent = "25%"
+
+
+@dataclass(frozen=True)
+class DeploymentStrategy:
+    type: DeploymentStrategyType = "RollingUpdate"
+    rolling_update: RollingUpdateDeployment | None = RollingUpdateDeployment()
+
+
+@dataclass(frozen=True)
+class Deployment(_Namespaced):
+    """A Deployment: `replicas` pods from `template`, replaced per `strategy` when it changes.
+    `selector` is spec.selector.matchLabels, and it selects the template's labels."""
+
+    KIND: ClassVar[str] = "Deployment"
+    meta: ObjectMeta
+    template: PodTemplate
+    selector: Mapping[str, str] = field(default_factory=_frozen_mapping, hash=False)
+    replicas: int = 1
+    strategy: DeploymentStrategy = DeploymentStrategy()
+    min_ready_seconds: int = 0
+    progress_deadline_seconds: int = 600
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selector", _frozen_mapping(self.selector))
+        if not self.selector:
+            object.__setattr__(self, "selector", _frozen_mapping(self.template.labels))
+
+
 # --- a set of objects ---------------------------------------------------------------------------
 
 # Namespaces every cluster has; objects may live in them without a Namespace manifest.
 BUILTIN_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 
-ClusterObject = Union[Namespace, Node, Pod, "Service", "EndpointSlice"]
+ClusterObject = Union[Namespace, Node, Pod, Deployment, "Service", "EndpointSlice"]
 
 
 def describe(obj: ClusterObject) -> str:
@@ -343,12 +448,13 @@ class Manifests:
     pods: tuple[Pod, ...] = ()
     services: tuple[Service, ...] = ()
     endpoint_slices: tuple[EndpointSlice, ...] = ()
+    deployments: tuple[Deployment, ...] = ()
     origins: Mapping[ObjectKey, Origin] = field(default_factory=dict, compare=False, repr=False)
 
     # kind -> the field holding objects of that kind, in the order `objects()` yields them
     FIELDS: ClassVar[Mapping[str, str]] = MappingProxyType({
         "Namespace": "namespaces", "Node": "nodes", "Pod": "pods", "Service": "services",
-        "EndpointSlice": "endpoint_slices"})
+        "EndpointSlice": "endpoint_slices", "Deployment": "deployments"})
 
     def objects(self) -> Iterator[ClusterObject]:
         return chain.from_iterable(getattr(self, name) for name in self.FIELDS.values())

@@ -49,7 +49,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -85,8 +85,12 @@ class Entry:
     starttime: int | None = None
 
     def to_json(self) -> dict:
-        doc = {k: v for k, v in asdict(self).items() if v is not None}
-        doc["kind"] = self.kind.value
+        # not dataclasses.asdict: the whole journal is rewritten on every change, and a lab whose
+        # pods churn writes it a few times per pod
+        doc = {"kind": self.kind.value, "name": self.name}
+        for key in ("netns", "pid", "starttime"):
+            if (value := getattr(self, key)) is not None:
+                doc[key] = value
         return doc
 
     @classmethod
@@ -342,9 +346,10 @@ class Resources:
         }
         os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
         tmp = os.path.join(self.state_dir, "." + os.path.basename(self.journal_path) + ".tmp")
+        entries = doc.pop("entries")
         with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+            # one entry per line, each by the C encoder (indent= would make json use its Python one)
+            f.write(json.dumps(doc)[:-1] + ', "entries": [\n ' + ",\n ".join(map(json.dumps, entries)) + "\n]}\n")
         os.replace(tmp, self.journal_path)
 
     def _remove_journal(self) -> None:

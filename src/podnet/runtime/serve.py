@@ -2,8 +2,8 @@
 
 Layer: runtime. Each port task waits until its device is readable, then reads and processes frames
 until EAGAIN (with a checkpoint every `batch` frames so one busy port cannot starve the others),
-and writes every Transmit at once. The timer task sleeps until `datapath.next_deadline()` and calls
-`handle_timer(now)`. `now` is trio's clock, which is monotonic.
+and writes every Transmit at once. The timer task sleeps until `datapath.next_deadline()`, calls
+`handle_timer(now)` and sends what it returns (ARP requests). `now` is trio's clock, which is monotonic.
 
 Invariants: the datapath is only ever called from this one trio thread; a port that fails is logged
 and closed without taking the node down.
@@ -41,6 +41,7 @@ class Node:
         self.frames_processed = 0
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[int, trio.CancelScope] = {}
+        self._active: dict[int, trio.Event] = {}   # port id -> set once its task has let go of it
         self._timer_changed = trio.Event()
 
     def attach(self, port_id: int, port: Port) -> None:
@@ -55,6 +56,13 @@ class Node:
         if scope is not None:
             scope.cancel()
 
+    async def detach_and_wait(self, port_id: int) -> None:
+        """Detach, and return once the port's task can no longer touch the port, so its fd may be
+        closed: a task that epoll already woke would otherwise read the closed (or reused) fd."""
+        self.detach(port_id)
+        if (stopped := self._active.get(port_id)) is not None:
+            await stopped.wait()
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -65,6 +73,9 @@ class Node:
         self._nursery = None
 
     async def _port_task(self, port_id: int, port: Port) -> None:
+        if self.ports.get(port_id) is not port:
+            return  # detached before this task first ran
+        stopped = self._active[port_id] = trio.Event()
         with trio.CancelScope() as scope:
             self._scopes[port_id] = scope
             try:
@@ -74,6 +85,8 @@ class Node:
             finally:
                 if self._scopes.get(port_id) is scope:
                     del self._scopes[port_id]
+                del self._active[port_id]
+                stopped.set()
 
     async def _pump(self, port_id: int, port: Port) -> None:
         fast = self.datapath.forward_fast
@@ -128,4 +141,8 @@ class Node:
                 else:
                     await trio.sleep_forever()
             self._timer_changed = trio.Event()
-            self.datapath.handle_timer(trio.current_time())
+            for action in self.datapath.handle_timer(trio.current_time()) or ():
+                # what timers send: the underlay's ARP requests and neighbour probes
+                target = self.ports.get(action.port)
+                if target is not None:
+                    target.send(action.frame, action.vnet)
