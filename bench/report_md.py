@@ -125,7 +125,15 @@ def markdown(data: dict, plots: dict[str, str]) -> str:
         names = ("fast-path", "fast-path-net", "slow-path", "parse_ipv4", "dpkt-parse")
         lines += _table(["frame"] + list(names),
                         [[kind] + [_num(v.get(name), ",.0f") for name in names]
-                         for kind, v in sorted(data["fastpath_ns"].items())])
+                         for kind, v in sorted(data["fastpath_ns"].items()) if any(n in v for n in names)])
+        between = ("direct-egress", "direct-ingress", "vxlan-egress", "vxlan-ingress")
+        rows = [[kind] + [_num(v.get(name), ",.0f") for name in between]
+                for kind, v in sorted(data["fastpath_ns"].items()) if any(n in v for n in between)]
+        if rows:
+            lines += ["An established flow between nodes, per frame on one node (mean ns, no I/O): *egress* on the "
+                      "sender's node (route, neighbour, and for vxlan the encapsulation), *ingress* on the "
+                      "receiver's (for vxlan the decapsulation, with the outer UDP checksum verified):", ""]
+            lines += _table(["frame"] + list(between), rows)
 
     kernel = data["kernel"]
     if kernel:
