@@ -301,18 +301,20 @@ def _socket_lb_lines(data: dict) -> list[str]:
     slb = data["socket_lb"]
     if not slb:
         return []
-    keys = sorted({k for row in slb.values() for k, v in row.items() if isinstance(v, (int, float))})
     lines = ["## The same-node shortcut: the eBPF backend's socket-LB analogue, off and on", "",
              "Same-node Service traffic with `socket_lb` off (the tc program decides each new flow from its "
              "packets) and on (the decision socket-LB takes at connect(), once per connection). Cilium's "
              "socket-LB lets the pod's socket talk to the backend directly, so no packet needs NAT; a userspace "
              "dataplane cannot hook the pod's connect(), so podnet still rewrites every packet. The seed's 2–5× "
              "for Cilium's sockmap cannot appear here by construction; what differs is only the decision.", ""]
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return _num(value, ",.0f" if abs(value) >= 100 else ",.3f")
-        return _num(value, ",")
-
-    lines += _table(["socket-LB"] + keys, [[state] + [cell(row.get(k)) for k in keys]
-                                           for state, row in sorted(slb.items(), key=lambda kv: kv[0] != "off")])
+    rows = []
+    for state, row in sorted(slb.items(), key=lambda kv: kv[0] != "off"):
+        fp = row.get("first_packet_ms") or {}
+        runs = row.get("gbps_runs") or []
+        rows.append([state, _ms3(fp), _num(row.get("connects_per_s"), ",.0f"),
+                     _num(row.get("rules_per_decision"), ",.1f"),
+                     _num(row.get("gbps"), ",.2f") + (f" ({', '.join(f'{g:.2f}' for g in runs)})" if runs else ""),
+                     _num(row.get("forwarder_cpu_stream"), ".0%") if row.get("forwarder_cpu_stream") is not None else "—"])
+    lines += _table(["socket-LB", "first packet p50 / p90 / p99 (ms)", "connects/s", "map lookups per decision",
+                     "TCP Gbit/s (runs)", "node CPU during the stream"], rows)
     return lines

@@ -119,7 +119,7 @@ def test_writes_results_report_and_plots(writer, tmp_path):
     assert "- iptables: p50 0.400 ms at 100 Services, 1.300 ms at 1,000 (3.2×)" in md
     assert "| podnet IPVS | 12.50 | 1.10 | 61.0 | 59.0 |" in md
     assert "| iptables | no-prestop | 100 | 3,000 | 9 (refused 7, reset 2) | 0.4 / 2.0 / 9.0 | 15.0 |" in md
-    assert "| on | 2,100 | 10.200 |" in md
+    assert "| on | — | 2,100 | — | 10.20 | — |" in md
     assert "How to read" in md and "## Not measured in this run" in md
     for png in writer.PLOTS.values():
         assert f"]({png})" in md
