@@ -244,6 +244,7 @@ def _kernel(report: Report) -> dict:
         "first_packet_ms": {str(n): _quantiles(r["first_packet_ms"]) for n, r in rows if "first_packet_ms" in r},
         "throughput_gbps": {str(n): round(r["throughput_gbps"], 4) for n, r in rows if "throughput_gbps" in r},
         "udp64_pps": {str(n): round(r["udp64_pps"]) for n, r in rows if "udp64_pps" in r},
+        "connects_per_s": {str(n): round(r["connects_per_s"], 1) for n, r in rows if "connects_per_s" in r},
         "iptables": next((r["iptables"] for _, r in rows if "iptables" in r), None),
         "first_packet_loader": next((r["first_packet_ms"].get("loader") for _, r in rows if "first_packet_ms" in r),
                                     None),

@@ -209,10 +209,12 @@ def _dataplane_lines(data: dict, plots: dict[str, str]) -> list[str]:
     lines += _table(["Service count"] + [f"podnet {_title(b)}" for b in backends]
                     + ["kernel iptables (this run)", "**published** kernel iptables"], rows)
     if cps:
-        lines += ["New connections per second from one client (connect, close, next; the client and podnet share "
-                  "the 2 vCPUs):", ""]
-        lines += _table(["Service count"] + [_title(b) for b in _ordered(cps)],
+        lines += ["New connections per second from one client pod (non-blocking connects, 4 in flight, each closed "
+                  "at once; the client and podnet share the machine's CPUs):", ""]
+        kcps = data["kernel"].get("connects_per_s", {}) if data["kernel"] else {}
+        lines += _table(["Service count"] + [_title(b) for b in _ordered(cps)] + ["kernel iptables (this run)"],
                         [[f"{n:,}"] + [_num(cps[b].get(str(n)), ",.0f") for b in _ordered(cps)]
+                         + [_num(kcps.get(str(n)), ",.0f")]
                          for n in sorted({int(n) for b in cps.values() for n in b})])
     lines += _growth_lines(fp)
     if "first_packet" in plots:
