@@ -11,6 +11,9 @@
     podnet down                        stop the running lab and remove everything it made
     podnet clean                       remove what a killed podnet run left behind
     podnet store get --prefix P --store etcd://HOST:PORT   the cluster state store: see cli_store
+    podnet up -f cluster.yaml --network vxlan|direct [--store etcd://HOST:PORT]   manifests with Nodes:
+                                       a cluster of nodes on one machine (see cli_cluster)
+    podnet node join --store etcd://HOST:PORT --node NAME --node-ip IP   run one node of a cluster
 
 Layer: lab (the user's edge). Commands other than `up` and `clean` talk to the running lab over its
 control socket (`podnet.control`).
@@ -27,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from podnet import cli_backends, cli_services, cli_store
+from podnet import cli_backends, cli_cluster, cli_services, cli_store
 from podnet.control import ControlError, request, socket_path
 from podnet.errors import PodnetError
 
@@ -122,7 +125,9 @@ def cmd_up(args) -> int:
     if running:
         print(f"podnet: a lab is already running (pid {running['pid']}); `podnet down` first", file=sys.stderr)
         return 1
-    load_manifests(args.file)  # a bad manifest fails here, before anything is created
+    manifests = load_manifests(args.file)  # a bad manifest fails here, before anything is created
+    if not manifests.nodes:
+        cli_cluster.check_single_node(args)
     if args.detach:
         return _up_detached(args, state_dir)
 
@@ -131,6 +136,9 @@ def cmd_up(args) -> int:
         if not args.daemon_child:
             print("\npodnet: lab is up; Ctrl-C stops it", flush=True)
 
+    if manifests.nodes:   # a cluster: every Node its own node (podnet.cli_cluster)
+        trio.run(cli_cluster.serve_cluster, args, state_dir, ready)
+        return 0
     trio.run(_serve_lab, args, ready)
     return 0
 
@@ -141,6 +149,8 @@ def _up_detached(args, state_dir: str) -> int:
     argv = [sys.executable, "-m", "podnet.cli", "--state-dir", state_dir, "up", "--daemon-child",
             "--prefix", args.prefix, "--timeout", str(args.timeout), *cli_services.node_argv(args)]
     argv += [] if args.offloads else ["--no-offloads"]
+    argv += ["--network", args.network] if args.network else []
+    argv += ["--store", args.store] if args.store else []
     for f in args.file:
         argv += ["-f", str(Path(f).resolve())]
     with open(log_path, "wb") as log:
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-d", "--detach", action="store_true", help="run the lab in the background")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help="name prefix of namespaces and devices")
     cli_services.add_node_options(up)
+    cli_cluster.add_cluster_options(up)
     up.add_argument("--no-offloads", dest="offloads", action="store_false", help="TAPs without TSO/checksum offload")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for pods to become ready")
     up.add_argument("--daemon-child", action="store_true", help=argparse.SUPPRESS)
@@ -299,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_services.register(sub)
     cli_backends.register(sub)
     cli_store.register(sub)
+    cli_cluster.register(sub)
     return parser
 
 

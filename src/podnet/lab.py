@@ -83,6 +83,7 @@ class LabConfig:
     node_ip: str = "172.18.0.2"        # the node's own address inside the datapath: masquerade source
     uplink_cidr: str = "172.18.0.0/24"  # the node's uplink: the node holds node_ip, an external client .1
     uplink: bool = True                # bring up the external-client namespace on the uplink
+    pod_mtu: int = 1500                # eth0's MTU in every pod (a VXLAN network gives the tunnel's: 1450)
     min_sync_period_s: float = 1.0     # kube-proxy's --iptables-min-sync-period
     partial_sync: bool = True          # kube-proxy >= 1.28: only changed Services' chains
     conntrack_max: int = 262144        # nf_conntrack_max
@@ -403,9 +404,9 @@ class Lab:
             if self.config.mode is NodeMode.BRIDGE:
                 # cbr0 style: the node prefix on eth0, the bridge's .1 as an on-link gateway
                 mac = plumb_pod(tap, netns, str(allocation.ip), gateway=str(allocation.gateway),
-                                prefixlen=allocation.prefixlen)
+                                prefixlen=allocation.prefixlen, mtu=self.config.pod_mtu)
             else:
-                mac = plumb_pod(tap, netns, str(allocation.ip))
+                mac = plumb_pod(tap, netns, str(allocation.ip), mtu=self.config.pod_mtu)
         except BaseException:
             if tap is not None:
                 tap.close()
@@ -644,7 +645,7 @@ def exec_in_pod(netns: str, argv: list[str], timeout_s: float | None = 60.0, inp
 
 @contextlib.asynccontextmanager
 async def open_lab(manifests: Manifests | Sequence[str | os.PathLike], config: LabConfig | None = None,
-                   *, wait_ready_s: float | None = 30.0):
+                   *, wait_ready_s: float | None = 30.0, lab_class: type[Lab] = Lab):
     """Bring up every pod of `manifests` on one node; tear everything down on exit.
 
         async with open_lab(load_manifests(["pods.yaml"])) as lab:
@@ -654,7 +655,7 @@ async def open_lab(manifests: Manifests | Sequence[str | os.PathLike], config: L
         manifests = load_manifests(manifests)
     config = config or LabConfig()
     with Resources(prefix=config.prefix, state_dir=config.state_dir or state_dir_default()) as resources:
-        lab = Lab(manifests, config, resources)
+        lab = lab_class(manifests, config, resources)   # a cluster's node: podnet.cluster_node
         try:
             async with trio.open_nursery() as nursery:
                 lab._nursery = nursery

@@ -466,6 +466,7 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
 
     Journals are released when their own prefix starts with `prefix` (so every name they hold
     does too). If a live journal cannot be read, the prefix sweep is skipped: its claims are unknown.
+    The journals of a cluster's node processes, under `<state_dir>/nodes/<node>/`, count as well.
     """
     validate_prefix(prefix)
     state_dir = state_dir or state_dir_default()
@@ -477,7 +478,10 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
     dead: list[Resources] = []
     sweep = True
 
-    for path in sorted(glob.glob(os.path.join(state_dir, "podnet-*.json"))):
+    # a cluster's nodes journal under <state_dir>/nodes/<node>/ (podnet.cluster_node)
+    journal_paths = glob.glob(os.path.join(state_dir, "podnet-*.json")) + glob.glob(
+        os.path.join(state_dir, "nodes", "*", "podnet-*.json"))
+    for path in sorted(journal_paths):
         owner = _journal_owner(path)
         if owner is None:
             continue
@@ -507,7 +511,8 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
         errors += report.errors
         journals.append(journal.journal_path)
 
-    for tmp in glob.glob(os.path.join(state_dir, ".podnet-*.json.tmp")):
+    for tmp in glob.glob(os.path.join(state_dir, ".podnet-*.json.tmp")) + glob.glob(
+            os.path.join(state_dir, "nodes", "*", ".podnet-*.json.tmp")):
         owner = _journal_owner(os.path.basename(tmp)[1:-4])
         if owner is not None and not process_matches(*owner):
             os.unlink(tmp)

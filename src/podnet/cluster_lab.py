@@ -1,0 +1,259 @@
+"""A cluster of nodes on one machine, in this process: the embedded-store mode.
+
+Layer: lab. `open_cluster` brings up every Node of the manifests as its own node - its own
+Datapath, serve loop, pods, Service backend and uplink TAP on a shared underlay bridge - all in this
+trio process, sharing one embedded store (`podnet.store.EmbeddedStore`) through which they learn
+about each other, as separate processes would through etcd:
+
+    plan      cluster.topology: underlay addresses, every pod placed on a node
+    underlay  linux.underlay: netns `<prefix>underlay` with a bridge, journalled here
+    store     the control plane (podnet.control_plane) publishes the Flannel network config,
+              Namespaces, Services (ClusterIPs allocated), Pods (spec.nodeName set) and keeps the
+              EndpointSlices from the pods' statuses
+    nodes     podnet.cluster_node, one per Node, brought up together: each leases a subnet,
+              registers, runs its pods and programs its datapath from the store
+
+With `ClusterConfig(store="etcd://HOST:PORT")` the same runs against a real etcd; a cluster whose
+nodes are separate processes (or hosts) is `podnet up --store etcd://...`, which starts one
+`podnet node join` process per Node (podnet.cluster_procs).
+
+    async with open_cluster(load_manifests(["cluster.yaml"]), ClusterConfig(network="direct")) as c:
+        web = c.pod("web-2")
+        print((await c.exec("client", ["curl", "-s", f"http://{web.ip}:8080/"])).stdout)
+
+`run_cluster` is the same for synchronous scripts (trio in a background thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+
+import trio
+
+from podnet.cluster.manifest import load_manifests
+from podnet.cluster.model import Manifests
+from podnet.cluster.topology import ClusterConfig, ClusterPlan, plan_cluster
+from podnet.cluster_node import ClusterNode, open_cluster_node
+from podnet.control_plane import ControlPlane, allocated
+from podnet.core.services.base import SyncReport
+from podnet.lab import PodState, exec_in_pod
+from podnet.linux.resources import Resources, state_dir_default
+from podnet.linux.underlay import Underlay, create_underlay, remove_underlay
+from podnet.store import Store, open_store
+
+
+class Cluster:
+    """Running nodes. Datapath-level calls without a node (`statistics`, `backend`, `datapath`, the
+    control socket's inspection commands) answer for the first node; `set_backend` switches all."""
+
+    def __init__(self, config: ClusterConfig, plan: ClusterPlan, store: Store, control_plane: ControlPlane,
+                 underlay: Underlay) -> None:
+        self.config = config
+        self.plan = plan
+        self.store = store
+        self.control_plane = control_plane
+        self.underlay = underlay
+        self.nodes: dict[str, ClusterNode] = {}
+        self.external = None
+
+    # ---- lookups -----------------------------------------------------------------------------
+
+    def node(self, name: str | None = None) -> ClusterNode:
+        if name is None:
+            return self.nodes[self.plan.nodes[0].name]
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise KeyError(f"no node {name!r} (nodes: {', '.join(self.nodes)})") from None
+
+    def pod(self, name: str, namespace: str | None = None) -> PodState:
+        found = []
+        for node in self.nodes.values():
+            try:
+                found.append(node.lab.pod(name, namespace))
+            except KeyError:
+                pass
+        if len(found) != 1:
+            where = f" in namespace {namespace!r}" if namespace else ""
+            raise KeyError(f"no pod {name!r}{where}" if not found else f"pod {name!r} exists in several namespaces")
+        return found[0]
+
+    def node_of(self, pod: str, namespace: str | None = None) -> ClusterNode:
+        state = self.pod(pod, namespace)
+        return next(n for n in self.nodes.values() if n.lab.pods.get(state.key) is state)
+
+    def status(self) -> list[dict]:
+        return [row for node in self.nodes.values() for row in node.lab.status()]
+
+    def services_status(self) -> list[dict]:
+        return self.node().lab.services_status()
+
+    # ---- the first node's datapath, for the control socket --------------------------------------
+
+    @property
+    def datapath(self):
+        return self.node().lab.datapath
+
+    @property
+    def backend(self):
+        return self.node().lab.backend
+
+    def statistics(self, node: str | None = None):
+        return self.node(node).lab.statistics()
+
+    def sync_summary(self, node: str | None = None) -> dict:
+        return self.node(node).lab.sync_summary()
+
+    def conntrack_listing(self, node: str | None = None) -> list[str]:
+        return self.node(node).lab.conntrack_listing()
+
+    def set_backend(self, name: str) -> SyncReport:
+        """Switch every node's Service backend; the first node's sync report."""
+        reports = [node.lab.set_backend(name) for node in self.nodes.values()]
+        return reports[0]
+
+    # ---- commands and waits -------------------------------------------------------------------
+
+    async def exec(self, pod: str, argv: Sequence[str], *, namespace: str | None = None,
+                   timeout_s: float = 60.0, input: bytes | None = None) -> subprocess.CompletedProcess:
+        state = self.pod(pod, namespace)
+        return await trio.to_thread.run_sync(exec_in_pod, state.netns, list(argv), timeout_s, input)
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Every pod Ready, the EndpointSlices saying so, and every node's backend synced to them."""
+        deadline = trio.current_time() + timeout_s
+        for node in self.nodes.values():
+            await node.lab.wait_ready(max(0.1, deadline - trio.current_time()))
+        revision = await self.control_plane.wait_ready(max(0.1, deadline - trio.current_time()))
+        for node in self.nodes.values():
+            await node.wait_synced(revision, max(0.1, deadline - trio.current_time()))
+
+
+def _store_for(config: ClusterConfig) -> Store:
+    return open_store(config.store or "embedded")
+
+
+@contextlib.asynccontextmanager
+async def open_cluster(manifests: Manifests | Sequence[str | os.PathLike], config: ClusterConfig | None = None,
+                       *, wait_ready_s: float | None = 60.0):
+    """Bring up every Node of `manifests` with its pods, in this process (see the module); tear all
+    of it down on exit."""
+    if not isinstance(manifests, Manifests):
+        manifests = load_manifests(manifests)
+    config = config or ClusterConfig()
+    config = dataclasses.replace(config, state_dir=config.state_dir or state_dir_default())
+    plan = plan_cluster(manifests, config.underlay_cidr, config.cluster_cidr)
+    placed = allocated(plan.manifests, config)
+    store = _store_for(config)
+    try:
+        with Resources(prefix=config.prefix, state_dir=config.state_dir) as resources:
+            underlay, entry = await trio.to_thread.run_sync(create_underlay, resources)
+            try:
+                control_plane = ControlPlane(store, placed, config)
+                await trio.to_thread.run_sync(control_plane.publish)
+                cluster = Cluster(config, plan, store, control_plane, underlay)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(control_plane.run)
+
+                    async def run_node(spec, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                        async with open_cluster_node(store, spec, config, underlay, wait_ready_s=None,
+                                                     deployments=plan.deployments_of(spec.name)) as node:
+                            task_status.started(node)
+                            await trio.sleep_forever()
+
+                    async def start(spec) -> None:
+                        cluster.nodes[spec.name] = await nursery.start(run_node, spec)
+
+                    async with trio.open_nursery() as starting:   # all nodes come up together
+                        for spec in plan.nodes:
+                            starting.start_soon(start, spec)
+                    cluster.nodes = {spec.name: cluster.nodes[spec.name] for spec in plan.nodes}
+                    if wait_ready_s is not None:
+                        await cluster.wait_ready(wait_ready_s)
+                    try:
+                        yield cluster
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                await trio.to_thread.run_sync(remove_underlay, resources, underlay, entry)
+    finally:
+        store.close()
+
+
+class SyncCluster:
+    """`open_cluster` for synchronous scripts; attributes are read from the running cluster."""
+
+    def __init__(self, cluster: Cluster, token: trio.lowlevel.TrioToken) -> None:
+        self.cluster = cluster
+        self._token = token
+
+    def __getattr__(self, name: str):
+        return getattr(self.cluster, name)
+
+    def _run(self, fn, *args, **kw):
+        return trio.from_thread.run(lambda: fn(*args, **kw), trio_token=self._token)
+
+    def _sync(self, fn, *args):
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        return self._run(self.cluster.exec, pod, argv, **kw)
+
+    def status(self) -> list[dict]:
+        return self._sync(self.cluster.status)
+
+    def statistics(self, node: str | None = None):
+        return self._sync(self.cluster.statistics, node)
+
+    def set_backend(self, name: str) -> SyncReport:
+        return self._sync(self.cluster.set_backend, name)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        self._run(self.cluster.wait_ready, timeout_s)
+
+    def show(self, node: str | None = None) -> dict[str, list[str]]:
+        return self._sync(lambda: self.cluster.node(node).show())
+
+    def call(self, fn, *args):
+        """Run `fn(*args)` in the cluster's thread (for anything that touches a datapath)."""
+        return self._sync(fn, *args)
+
+
+@contextlib.contextmanager
+def run_cluster(manifests, config: ClusterConfig | None = None, *, wait_ready_s: float | None = 60.0
+                ) -> Iterator[SyncCluster]:
+    ready = threading.Event()
+    box: dict = {}
+
+    async def main() -> None:
+        try:
+            async with open_cluster(manifests, config, wait_ready_s=wait_ready_s) as cluster:
+                box["cluster"] = SyncCluster(cluster, trio.lowlevel.current_trio_token())
+                box["stop"] = trio.Event()
+                ready.set()
+                await box["stop"].wait()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), name="podnet-cluster", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in box:
+        thread.join()
+        raise box["error"]
+    try:
+        yield box["cluster"]
+    finally:
+        trio.from_thread.run_sync(box["stop"].set, trio_token=box["cluster"]._token)
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+
+
+__all__ = ["Cluster", "ClusterConfig", "SyncCluster", "open_cluster", "run_cluster"]

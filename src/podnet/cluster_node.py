@@ -1,0 +1,400 @@
+"""One node of a multi-node cluster: a Lab programmed from the cluster store, on a shared underlay.
+
+Layer: lab. `open_cluster_node` does on one node what flanneld, the kubelet and kube-proxy do there,
+against the store (`podnet.store`: embedded in this process, or etcd shared by node processes):
+
+    flanneld    read the network config; lease a subnet (acquire_subnet_lease: a restarted node gets
+                its old subnet back, the lease is found by its PublicIP); keep it renewed; watch
+                every other node's lease and program the datapath from it - direct (host-gw): the
+                route `<subnet> via <PublicIP>` on the uplink; vxlan: the tunnel port's neighbour,
+                FDB entry and route (core/internode), with pods on the tunnel's MTU (1450)
+    kubelet     register the Node under a lease with a heartbeat (store.nodes); run the pods the
+                store places on this node (spec.nodeName): a Lab with this node's name, pod CIDR
+                and underlay address; report each pod's IP, readiness and termination as its
+                status; start pods placed here later and delete the ones whose key goes
+    kube-proxy  watch Services and EndpointSlices - every endpoint in the cluster, `is_local` for
+                this node's own - and sync the Lab's Service backend from them
+
+The uplink is a TAP inside the underlay namespace (linux/underlay), enslaved to its bridge; the
+datapath owns the node's underlay address and MAC (`Datapath.add_uplink`). A node's state lives
+under `<state_dir>/nodes/<node>/`: its journal, its IPAM files and its logs. A node process that
+was killed left a journal there: the next start releases what it lists (its pods' namespaces and
+containers) before anything else, and IPAM gives every pod its address back (host-local's files
+survive a crash), so pods come back with the same addresses.
+
+Invariants:
+- Only this node's pods are in its Lab; every other pod is reached through routes the leases made.
+- Pod status in the store is written by the pod's node alone, and only when it changes.
+- Leaving (cancellation, an error) deregisters the node, then tears the Lab down. The subnet lease
+  stays, as flanneld leaves it, for the node's next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import ipaddress
+import logging
+import os
+import re
+from pathlib import Path
+
+import trio
+
+from podnet.cluster.endpoints import PodStatus
+from podnet.cluster.model import Deployment, Manifests
+from podnet.cluster.service import EndpointSlice
+from podnet.cluster.topology import ClusterConfig, NodeSpec
+from podnet.core.datapath import NodeMode
+from podnet.core.overlay import FlannelNode, Lease, Vtep
+from podnet.core.overlay.mtu import tunnel_mtu
+from podnet.errors import ConfigError
+from podnet.lab import Lab, LabConfig, open_lab
+from podnet.linux.resources import Resources, process_matches
+from podnet.linux.tap import Tap
+from podnet.linux.underlay import Underlay, open_uplink
+from podnet.runtime.ports import FdPort
+from podnet.store import EventType, KeyValue, Store
+from podnet.store.flannel import (LeaseAttrs, SubnetLease, acquire_subnet_lease, keep_subnet_lease,
+                                  lease_from_kv, parse_subnet_key, read_network_config, SUBNETS_PREFIX)
+from podnet.store.informer import Reflector
+from podnet.store.nodes import keep_node_registered
+from podnet.store.objects import decode, encode, kind_prefix, object_key
+
+log = logging.getLogger(__name__)
+
+_JOURNAL = re.compile(r"podnet-(\d+)-(\d+)\.json$")
+
+
+def node_state_dir(state_dir: str, node: str) -> str:
+    return str(Path(state_dir) / "nodes" / node)
+
+
+def release_dead_journals(state_dir: str) -> list[str]:
+    """Release what killed processes journalled in `state_dir` (a node's own directory): their
+    pods' namespaces, containers and links. Unlike `podnet clean`, nothing else is swept: other
+    nodes' namespaces carry the same prefix. Returns the journals released."""
+    released = []
+    for path in sorted(glob.glob(os.path.join(state_dir, "podnet-*.json"))):
+        match = _JOURNAL.search(path)
+        if match is None or process_matches(int(match[1]), int(match[2])):
+            continue
+        try:
+            report = Resources.adopt(path).release_all()
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("journal %s of a dead process: %s", path, exc)
+            continue
+        for error in report.errors:
+            log.warning("releasing %s: %s", path, error)
+        released.append(path)
+    return released
+
+
+class ClusterNodeLab(Lab):
+    """A Lab whose Services and EndpointSlices are the cluster's (kept by `ClusterNode` from the
+    store) rather than derived from its own pods."""
+
+    def __init__(self, manifests, config, resources) -> None:
+        super().__init__(manifests, config, resources)
+        self.cluster_slices: tuple[EndpointSlice, ...] = ()
+
+    def _slices(self, pods, status):
+        return self.cluster_slices
+
+
+class ClusterNode:
+    """A running node of a cluster (see the module). `lab` is its Lab; `lease` its subnet lease."""
+
+    def __init__(self, store: Store, spec: NodeSpec, config: ClusterConfig, lab: ClusterNodeLab,
+                 lease: SubnetLease, underlay: Underlay) -> None:
+        self.store = store
+        self.spec = spec
+        self.config = config
+        self.lab = lab
+        self.lease = lease
+        self.underlay = underlay
+        self.uplink_port: int | None = None
+        self.tunnel_port: int | None = None
+        self.peers: dict[str, SubnetLease] = {}       # other nodes' leases, by subnet
+        self.slices_revision = 0                      # the store revision the Service view is at
+        self._tap: Tap | None = None
+        self._starting: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def subnet(self) -> str:
+        return str(self.lease.subnet)
+
+    @property
+    def datapath(self):
+        return self.lab.datapath
+
+    @property
+    def flannel(self) -> FlannelNode | None:
+        internode = self.datapath.internode
+        return internode.tunnel.flannel if internode is not None and internode.tunnel is not None else None
+
+    # ---- the uplink and the peers -------------------------------------------------------------
+
+    async def attach_uplink(self) -> None:
+        c, spec, dp = self.config, self.spec, self.lab.datapath
+        self._tap = await trio.to_thread.run_sync(lambda: open_uplink(
+            self.underlay, f"uplink:{spec.name}", prefix=c.prefix, vnet_hdr=c.vnet_hdr, offloads=c.offloads,
+            mtu=c.underlay_mtu))
+        self.uplink_port = dp.add_uplink("uplink", spec.uplink_mac, cidr=c.underlay_cidr)
+        if c.network == "vxlan":
+            own = Lease(self.subnet, spec.ip, spec.vtep_mac, c.vni)
+            vtep = Vtep(local_ip=spec.ip, mac=spec.vtep_mac, underlay_mac=spec.uplink_mac, vni=c.vni,
+                        port=c.vxlan_port, underlay_mtu=c.underlay_mtu)
+            self.tunnel_port = dp.add_tunnel(vtep, FlannelNode(own, network=c.cluster_cidr,
+                                                                underlay_mtu=c.underlay_mtu))
+        self.lab.node.attach(self.uplink_port, FdPort(self._tap.fd, vnet_hdr=self._tap.vnet_hdr, name="uplink"))
+
+    async def detach_uplink(self) -> None:
+        if self._tap is None:
+            return
+        if self.uplink_port is not None:
+            await self.lab.node.detach_and_wait(self.uplink_port)
+        self._tap.close()
+        self._tap = None
+
+    def _lease_event(self, kind: EventType, kv: KeyValue) -> None:
+        """flanneld's handleSubnetEvents, for one lease of another node."""
+        dp, c = self.lab.datapath, self.config
+        if kind is EventType.PUT:
+            lease = lease_from_kv(kv)
+            if lease is None or str(lease.subnet) == self.subnet or lease.attrs.public_ip == self.spec.ip:
+                return
+            subnet = str(lease.subnet)
+            if c.network == "direct":
+                # host-gw: the other node's pod CIDR via its address on the underlay
+                dp.add_route(subnet, self.uplink_port, via=lease.attrs.public_ip)
+            elif lease.attrs.backend_type == "vxlan" and lease.attrs.vtep_mac:
+                dp.internode.add_lease(Lease(subnet, lease.attrs.public_ip, lease.attrs.vtep_mac,
+                                             lease.attrs.vni or c.vni))
+            else:
+                log.warning("node %s: lease %s has backend %r, not vxlan: ignored", self.name, subnet,
+                            lease.attrs.backend_type)
+                return
+            self.peers[subnet] = lease
+            log.info("node %s: lease %s via %s", self.name, subnet, lease.attrs.public_ip)
+        else:
+            subnet_net = parse_subnet_key(kv.key)
+            subnet = str(subnet_net) if subnet_net is not None else None
+            if subnet is None or self.peers.pop(subnet, None) is None:
+                return
+            if c.network == "direct":
+                dp.routes.remove(subnet)
+            else:
+                dp.internode.remove_lease(subnet)
+            log.info("node %s: lease %s gone", self.name, subnet)
+
+    # ---- watching the store -------------------------------------------------------------------
+
+    async def watch_leases(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        reflector = Reflector(self.store, SUBNETS_PREFIX)
+        for event in await trio.to_thread.run_sync(reflector.relist):
+            self._lease_event(event.type, event.kv)
+        task_status.started()
+        async for event in reflector.aevents():
+            self._lease_event(event.type, event.kv)
+
+    async def watch_services(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """kube-proxy's informers: Services and EndpointSlices, the whole cluster's."""
+        services = Reflector(self.store, kind_prefix("Service"))
+        slices = Reflector(self.store, kind_prefix("EndpointSlice"))
+        changed = trio.Event()
+
+        def apply() -> None:
+            lab = self.lab
+            lab.manifests = dataclasses.replace(
+                lab.manifests, services=tuple(decode(kv).obj for kv in services.cache.values()))
+            lab.cluster_slices = tuple(decode(kv).obj for kv in slices.cache.values())
+            self.slices_revision = max(services.revision, slices.revision)
+            lab.endpoints_changed()
+
+        async def follow(reflector: Reflector) -> None:
+            nonlocal changed
+            async for _ in reflector.aevents():
+                changed.set()
+
+        for reflector in (services, slices):
+            await trio.to_thread.run_sync(reflector.relist)
+        apply()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, services)
+            nursery.start_soon(follow, slices)
+            task_status.started()
+            while True:
+                await changed.wait()
+                changed = trio.Event()
+                apply()
+
+    async def watch_pods(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The kubelet's pod source: pods placed here later are started, pods whose key goes are
+        deleted gracefully (the status writes of this node come back as PUTs of known pods)."""
+        reflector = Reflector(self.store, kind_prefix("Pod"))
+        await trio.to_thread.run_sync(reflector.relist)
+        task_status.started()
+        async for event in reflector.aevents():
+            lab = self.lab
+            if event.type is EventType.PUT:
+                pod = decode(event.kv).obj
+                if pod.node_name == self.name and pod.key not in lab.pods and pod.key not in self._starting:
+                    self._starting.add(pod.key)
+                    lab._nursery.start_soon(self._start_pod, pod)
+            else:
+                from podnet.store.objects import parse_key
+                _, namespace, name = parse_key(event.key)
+                state = lab.pods.get(f"{namespace}/{name}")
+                if state is not None:
+                    lab.begin_delete(state)
+
+    async def _start_pod(self, pod) -> None:
+        try:
+            await self.lab.add_pod(pod)
+        except ConfigError as exc:
+            log.warning("node %s: pod %s: %s", self.name, pod.key, exc)
+        finally:
+            self._starting.discard(pod.key)
+
+    async def publish_status(self) -> None:
+        """The kubelet's status manager: each pod's IP, readiness and termination, written when
+        they change; a pod that left the node has its key deleted."""
+        written: dict[str, bytes] = {}
+        lab = self.lab
+        while True:
+            generation = lab.generation
+            current = {object_key(p.pod): encode(p.pod, PodStatus(p.ip, p.ready, p.terminating, self.name))
+                       for p in list(lab.pods.values())}
+            changes = [(k, v) for k, v in current.items() if written.get(k) != v]
+            gone = [k for k in written if k not in current]
+            if changes or gone:
+                def write() -> None:
+                    for key, value in changes:
+                        self.store.put(key, value)
+                    for key in gone:
+                        self.store.delete(key)
+                await trio.to_thread.run_sync(write)
+                written = current
+            await lab.wait_state_changed(generation, trio.current_time() + 10.0)
+
+    async def wait_synced(self, revision: int, timeout_s: float = 30.0) -> None:
+        """Until this node's Service view has the store's `revision` and its backend synced it."""
+        with trio.fail_after(timeout_s):
+            while self.slices_revision < revision:
+                await trio.sleep(0.02)
+        await self.lab.wait_synced(timeout_s)
+
+    # ---- inspection ------------------------------------------------------------------------------
+
+    def show(self) -> dict[str, list[str]]:
+        """The node's routes to other nodes, and in vxlan mode its flannel.1 neighbours and FDB, as
+        `ip route`, `ip neigh` and `bridge fdb` print them; the uplink's neighbours."""
+        out: dict[str, list[str]] = {}
+        flannel = self.flannel
+        if flannel is not None:
+            out["ip route show dev flannel.1"] = flannel.show_routes()
+            out["ip neigh show dev flannel.1"] = flannel.show_neighbours()
+            out["bridge fdb show dev flannel.1"] = flannel.show_fdb()
+        else:
+            out["ip route"] = [f"{subnet} via {lease.attrs.public_ip} dev uplink"
+                               for subnet, lease in sorted(self.peers.items(), key=lambda i: ipaddress.IPv4Network(i[0]))]
+        internode = self.datapath.internode
+        if internode is not None:
+            out["ip neigh show dev uplink"] = internode.neighbors.show()
+        return out
+
+
+def lab_config(spec: NodeSpec, config: ClusterConfig, subnet: str) -> LabConfig:
+    state_dir = node_state_dir(config.state_dir, spec.name) if config.state_dir else None
+    mtu = tunnel_mtu(config.underlay_mtu) if config.network == "vxlan" else config.underlay_mtu
+    return LabConfig(node_name=spec.name, node_cidr=subnet, mode=NodeMode.ROUTED, prefix=config.prefix,
+                     offloads=config.offloads, vnet_hdr=config.vnet_hdr, state_dir=state_dir,
+                     persist_ipam=config.persist_ipam,
+                     grace_period_s=config.grace_period_s, backend=config.backend,
+                     cluster_cidr=config.cluster_cidr, service_cidr=config.service_cidr, node_ip=spec.ip,
+                     uplink_cidr=config.underlay_cidr, uplink=False, pod_mtu=mtu,
+                     min_sync_period_s=config.min_sync_period_s, seed=config.seed,
+                     backend_options=dict(config.backend_options))
+
+
+async def _wait_network_config(store: Store, timeout_s: float):
+    with trio.move_on_after(timeout_s):
+        while True:
+            try:
+                return await trio.to_thread.run_sync(read_network_config, store)
+            except ConfigError:
+                await trio.sleep(0.1)   # the control plane has not written it yet
+    raise TimeoutError(f"no Flannel network config in the store after {timeout_s:.0f} s")
+
+
+def _lease_attrs(spec: NodeSpec, config: ClusterConfig) -> LeaseAttrs:
+    if config.network == "vxlan":
+        return LeaseAttrs.vxlan(spec.ip, spec.vtep_mac, config.vni)
+    return LeaseAttrs(spec.ip, config.flannel_backend)
+
+
+@contextlib.asynccontextmanager
+async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig, underlay: Underlay, *,
+                            deployments: tuple[Deployment, ...] = (), wait_ready_s: float | None = 60.0):
+    """Bring node `spec` up from the store (see the module); leave the cluster on exit."""
+    if config.state_dir is None:
+        from podnet.linux.resources import state_dir_default
+        config = dataclasses.replace(config, state_dir=state_dir_default())
+    own_dir = node_state_dir(config.state_dir, spec.name)
+    await trio.to_thread.run_sync(release_dead_journals, own_dir)
+    network = await _wait_network_config(store, wait_ready_s or 60.0)
+    if str(network.network) != config.cluster_cidr:
+        raise ConfigError(f"node {spec.name}: the store's network is {network.network}, not {config.cluster_cidr}")
+    now = trio.current_time()
+    lease = await trio.to_thread.run_sync(lambda: acquire_subnet_lease(
+        store, _lease_attrs(spec, config), now=now, previous_subnet=spec.pod_cidr))
+    subnet = str(lease.subnet)
+    log.info("node %s: subnet %s, underlay %s", spec.name, subnet, spec.ip)
+
+    def read_objects():
+        from podnet.store.objects import list_objects
+        namespaces = tuple(o.obj for o in list_objects(store, "Namespace")[0])
+        pods = tuple(o.obj for o in list_objects(store, "Pod")[0] if o.obj.node_name == spec.name)
+        services = tuple(o.obj for o in list_objects(store, "Service")[0])
+        return Manifests(namespaces=namespaces, pods=pods, services=services, deployments=tuple(deployments))
+
+    manifests = await trio.to_thread.run_sync(read_objects)
+    async with open_lab(manifests, lab_config(spec, config, subnet), wait_ready_s=None,
+                        lab_class=ClusterNodeLab) as lab:
+        node = ClusterNode(store, spec, config, lab, lease, underlay)
+        try:
+            await node.attach_uplink()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.watch_leases)
+                await nursery.start(node.watch_services)
+                await nursery.start(node.watch_pods)
+                nursery.start_soon(node.publish_status)
+                nursery.start_soon(_keep_lease, store, node)
+                await nursery.start(lambda task_status: keep_node_registered(
+                    store, spec.node_object(subnet), ttl_s=config.node_lease_ttl_s,
+                    interval_s=config.heartbeat_s, task_status=task_status))
+                if wait_ready_s is not None:
+                    await lab.wait_ready(wait_ready_s)
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await node.detach_uplink()
+
+
+async def _keep_lease(store: Store, node: ClusterNode) -> None:
+    """flanneld's lease renewal; losing the lease ends the node, as it ends flanneld."""
+    def renewed(lease: SubnetLease) -> None:
+        node.lease = lease
+    await keep_subnet_lease(store, node.lease, on_renew=renewed)
+
+
+__all__ = ["ClusterNode", "ClusterNodeLab", "lab_config", "node_state_dir", "open_cluster_node",
+           "release_dead_journals"]

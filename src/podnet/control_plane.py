@@ -1,0 +1,216 @@
+"""The cluster's control plane on the store: what the API server and kube-controller-manager do.
+
+Layer: lab (store + cluster model; no namespaces, no datapath). `ControlPlane.publish` writes the
+cluster as the API server would hold it after `kubectl apply`:
+
+    /coreos.com/network/config      Flannel's network config: the cluster CIDR and the backend
+                                    (vxlan, or host-gw for direct routing)
+    /registry/namespaces/...        the Namespaces
+    /registry/services/specs/...    every Service with its ClusterIP (and node ports) allocated
+    /registry/pods/...              every Pod with spec.nodeName set (placed by cluster.topology)
+    /registry/endpointslices/...    the EndpointSlices the manifests give (Services without selector)
+
+Objects of those kinds the store holds and the manifests do not are deleted (a store reused from an
+earlier run). Pods keep the status their node wrote when their spec is unchanged.
+
+`ControlPlane.run` is the EndpointSlice controller of the cluster: it watches pods (with the status
+each node agent reports: IP, Ready, terminating, node), Nodes and Services, and writes the derived
+EndpointSlices whenever they change - for every Service, endpoints on every node, each with its
+nodeName, so each node's kube-proxy knows which are local. It also does the node lifecycle
+controller's part: the pods of a node whose registration is gone (its lease ran out: the process
+died) are not ready, as MarkPodsNotReady makes them once a node stops renewing its lease.
+
+Invariants:
+- Derivation reads one consistent view (the reflectors' caches) and the slices written are exactly
+  `derive_endpoint_slices` of it; unchanged slices are not written again, so nodes see only real
+  changes; slices the controller made that no longer exist are deleted.
+- `ready_revision` is the store revision of the slices derived while every pod was Ready on a
+  registered node (0 otherwise): once a node's slice watch has reached it and the node synced,
+  Service traffic reaches every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trio
+
+from podnet.cluster.endpoints import MANAGED_BY_LABEL, PodStatus, derive_endpoint_slices
+from podnet.cluster.ipalloc import ServiceIPAllocator, allocate_services
+from podnet.cluster.model import Manifests, Pod
+from podnet.cluster.topology import ClusterConfig
+from podnet.store import Store
+from podnet.store.flannel import write_network_config
+from podnet.store.informer import Reflector
+from podnet.store.objects import decode, encode, kind_prefix, object_key
+
+log = logging.getLogger(__name__)
+
+_SETTLE_S = 0.02    # changes that arrive together are derived together
+
+
+def allocated(manifests: Manifests, config: ClusterConfig) -> Manifests:
+    """The API server's part: ClusterIPs and node ports for every Service."""
+    return allocate_services(manifests, ServiceIPAllocator(config.service_cidr, seed=config.seed))
+
+
+def _spec_json(value: bytes) -> dict:
+    data = json.loads(value)
+    data.pop("status", None)
+    return data
+
+
+class ControlPlane:
+    """Publishes `manifests` (placed and allocated) into `store`, then keeps its EndpointSlices."""
+
+    def __init__(self, store: Store, manifests: Manifests, config: ClusterConfig) -> None:
+        self.store = store
+        self.manifests = manifests
+        self.config = config
+        self.ready_revision = 0
+        self.slices_written = 0
+        self._changed = trio.Event()
+
+    # ---- the API server's part --------------------------------------------------------------
+
+    def publish(self) -> int:
+        """Write the cluster into the store (blocking: store calls); the revision afterwards."""
+        store, m, c = self.store, self.manifests, self.config
+        backend = {"Port": c.vxlan_port, "VNI": c.vni} if c.network == "vxlan" else {}
+        current = write_network_config(store, c.cluster_cidr, backend_type=c.flannel_backend, **backend)
+        if str(current.network) != c.cluster_cidr or current.backend_type != c.flannel_backend:
+            # a store left by another cluster: this one's network replaces it (its leases go too)
+            from podnet.store.flannel import CONFIG_KEY, SUBNETS_PREFIX
+            store.delete_prefix(SUBNETS_PREFIX)
+            store.delete(CONFIG_KEY)
+            write_network_config(store, c.cluster_cidr, backend_type=c.flannel_backend, **backend)
+        wanted = {object_key(obj): obj for obj in (*m.namespaces, *m.services, *m.pods, *m.endpoint_slices)}
+        for kind in ("Pod", "Service", "EndpointSlice"):
+            for kv in store.list(kind_prefix(kind)):
+                managed = kind == "EndpointSlice" and MANAGED_BY_LABEL in json.loads(kv.value).get(
+                    "metadata", {}).get("labels", {})
+                if kv.key not in wanted and not managed:
+                    store.delete(kv.key)
+        for key, obj in wanted.items():
+            value = encode(obj)
+            kv = store.get(key)
+            if kv is None:
+                store.put(key, value)
+            elif isinstance(obj, Pod):
+                if _spec_json(kv.value) != json.loads(value):
+                    store.put(key, value)   # a changed spec: its old status does not apply
+            elif kv.value != value:
+                store.put(key, value)
+        return store.revision()
+
+    # ---- kube-controller-manager's part -------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Derive and write EndpointSlices until cancelled; started once the first set is written."""
+        reflectors = {kind: Reflector(self.store, kind_prefix(kind)) for kind in ("Pod", "Node", "Service")}
+        for reflector in reflectors.values():
+            await trio.to_thread.run_sync(reflector.relist)
+        await trio.to_thread.run_sync(self._reconcile, self._snapshot(reflectors))
+        async with trio.open_nursery() as nursery:
+            for reflector in reflectors.values():
+                nursery.start_soon(self._follow, reflector)
+            task_status.started()
+            while True:
+                await self._changed.wait()
+                await trio.sleep(_SETTLE_S)
+                self._changed = trio.Event()
+                await trio.to_thread.run_sync(self._reconcile, self._snapshot(reflectors))
+
+    async def _follow(self, reflector: Reflector) -> None:
+        async for _ in reflector.aevents():
+            self._changed.set()
+
+    @staticmethod
+    def _snapshot(reflectors: dict[str, Reflector]) -> dict[str, list]:
+        """The caches as they are now (taken in trio's thread, which the reflectors update)."""
+        return {kind: list(r.cache.values()) for kind, r in reflectors.items()}
+
+    def _view(self, caches: dict[str, list]):
+        services, pods, status = [], [], {}
+        nodes = {decode(kv).obj.name for kv in caches["Node"]}
+        for kv in caches["Service"]:
+            services.append(decode(kv).obj)
+        for kv in caches["Pod"]:
+            stored = decode(kv)
+            pods.append(stored.obj)
+            reported = stored.status
+            if reported is None or reported.ip is None:
+                continue
+            node = reported.node_name or stored.obj.node_name
+            if node not in nodes:   # the node lifecycle controller: no lease, no ready pods
+                reported = PodStatus(reported.ip, False, reported.terminating, node, reported.zone)
+            status[stored.obj.key] = reported
+        return services, pods, status
+
+    def _reconcile(self, caches: dict[str, list]) -> None:
+        services, pods, status = self._view(caches)
+        slices = derive_endpoint_slices(services, pods, status, seed=self.config.seed)
+        store = self.store
+        wanted = {object_key(s): encode(s) for s in slices}
+        existing = {kv.key: kv for kv in store.list(kind_prefix("EndpointSlice"))}
+        written = False
+        # the revision of the slices as they stand: what a node's slice watch must have reached
+        revision = max((kv.mod_revision for kv in existing.values()), default=0)
+        for key, value in wanted.items():
+            if (kv := existing.get(key)) is None or kv.value != value:
+                revision = store.put(key, value)
+                written = True
+        for key, kv in existing.items():
+            if key not in wanted and MANAGED_BY_LABEL in json.loads(kv.value).get("metadata", {}).get("labels", {}):
+                revision = store.delete(key) or revision
+                written = True
+        if written:
+            self.slices_written += 1
+        all_ready = bool(pods) and all(status.get(p.key) is not None and status[p.key].ready for p in pods)
+        # (no slices at all: nothing for the nodes to wait for, yet ready)
+        self.ready_revision = max(revision, 1) if all_ready else 0
+
+    async def wait_ready(self, timeout_s: float) -> int:
+        """Until every pod is Ready and the slices say so; the store revision that has them."""
+        with trio.move_on_after(timeout_s):
+            while not self.ready_revision:
+                await trio.sleep(0.05)
+            return self.ready_revision
+        raise TimeoutError(f"the cluster's pods were not all ready after {timeout_s:.0f} s: "
+                           f"{', '.join(self.unready()) or '?'}")
+
+    def unready(self) -> list[str]:
+        out = []
+        for kv in self.store.list(kind_prefix("Pod")):
+            stored = decode(kv)
+            if stored.status is None or not stored.status.ready:
+                out.append(f"{stored.obj.key} on {stored.obj.node_name} "
+                           f"({'no status yet' if stored.status is None else 'not ready'})")
+        return out
+
+
+def pods_from_store(store: Store, prefix: str) -> list[dict]:
+    """`podnet status` rows for every pod of the cluster, as the store has them (its node reports
+    IP and readiness; a pod whose node is not registered shows NodeLost, as kubectl shows Unknown)."""
+    from podnet.linux import names
+    nodes = {decode(kv).obj.name for kv in store.list(kind_prefix("Node"))}
+    rows = []
+    for kv in store.list(kind_prefix("Pod")):
+        stored = decode(kv)
+        pod, status = stored.obj, stored.status
+        phase = "Pending" if status is None or status.ip is None else "Running"
+        if status is not None and status.terminating:
+            phase = "Terminating"
+        if pod.node_name not in nodes:
+            phase = "NodeLost"
+        key = pod.name if pod.namespace == "default" else f"{pod.namespace}.{pod.name}"
+        ready = status is not None and status.ready and pod.node_name in nodes
+        rows.append({"namespace": pod.namespace, "name": pod.name, "ip": status.ip if status else None,
+                     "node": pod.node_name, "phase": phase, "ready": f"{int(ready)}/1" if len(pod.containers) == 1
+                     else f"{len(pod.containers) if ready else 0}/{len(pod.containers)}",
+                     "restarts": 0, "netns": names.netns_name(key, prefix)})
+    return rows
+
+
+__all__ = ["ControlPlane", "allocated", "pods_from_store"]

@@ -1,0 +1,113 @@
+"""Three nodes on one machine, in one process (the embedded store), over direct routing and VXLAN.
+
+Each node is its own Datapath with its own pods and uplink TAP on the underlay bridge; they learn
+each other's subnets, Services and endpoints from the store. A pod on node-1 fetches 20 MB from a
+pod on node-3 (bytes verified, its own address seen by the server), and reaches a Service whose
+backends are on node-2 and node-3 under every Service backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import random
+import sys
+from collections import Counter
+
+import pytest
+
+from podnet.cluster.topology import ClusterConfig
+from podnet.cluster_lab import run_cluster
+from podnet.core.services.registry import BACKENDS
+
+from .cluster_pods import ASK, cluster
+from .pods import BLOB_BYTES, BLOB_SEED, CLIENT
+
+pytestmark = pytest.mark.root
+
+EXPECTED = hashlib.sha256(random.Random(BLOB_SEED).randbytes(BLOB_BYTES)).hexdigest()
+
+
+@pytest.fixture(scope="module", params=["direct", "vxlan"])
+def three(request, tmp_path_factory):
+    config = ClusterConfig(network=request.param, prefix="pn-mn-", state_dir=str(tmp_path_factory.mktemp("state")))
+    with run_cluster(cluster(), config) as c:
+        yield c
+
+
+def _port(stats, name):
+    return next(p for p in stats.ports if p.name == name)
+
+
+def test_every_node_runs_its_own_pods_in_its_own_subnet(three):
+    rows = {r["name"]: r for r in three.status()}
+    assert {name: r["node"] for name, r in rows.items()} == {
+        "client": "node-1", "web-2": "node-2", "web-3": "node-3", "blob": "node-3"}
+    for name, row in rows.items():
+        node = three.cluster.node(row["node"])
+        assert ipaddress.IPv4Address(row["ip"]) in ipaddress.IPv4Network(node.subnet)
+        assert row["ready"] == "1/1"
+    assert [three.cluster.node(n).subnet for n in ("node-1", "node-2", "node-3")] == [
+        "10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
+
+
+def test_20mb_from_node3_to_node1_bytes_verified_source_preserved(three):
+    before = three.statistics("node-3")
+    client_ip, blob_ip = three.pod("client").ip, three.pod("blob").ip
+    result = three.exec("client", [sys.executable, "-c", CLIENT, blob_ip], timeout_s=120)
+    assert result.returncode == 0, result.stderr.decode()
+    peer, length, digest = result.stdout.decode().split()
+    assert (peer, int(length), digest) == (f"peer={client_ip}", BLOB_BYTES, EXPECTED)
+    after = three.statistics("node-3")
+    # the bytes left node-3 on its uplink, in VXLAN datagrams in vxlan mode
+    sent = _port(after, "uplink").tx_bytes - _port(before, "uplink").tx_bytes
+    assert sent > BLOB_BYTES
+    if three.cluster.config.network == "vxlan":
+        assert after.tunnel.tx_packets - before.tunnel.tx_packets > BLOB_BYTES // 1450
+        assert after.tunnel.drops == {}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_service_on_node1_reaches_backends_on_node2_and_node3(three, backend):
+    three.set_backend(backend)
+    cluster_ip = next(s["cluster_ip"] for s in three.services_status() if s["name"] == "web")
+    before = three.statistics("node-1")
+    result = three.exec("client", [sys.executable, "-c", ASK, cluster_ip, "80", "24"], timeout_s=60)
+    assert result.returncode == 0, result.stderr.decode()
+    answers = [line.split() for line in result.stdout.decode().splitlines()]
+    # both backends answered, and each saw the client pod's own address (no masquerade)
+    assert set(Counter(name for name, _ in answers)) == {"web-2", "web-3"}
+    assert {peer for _, peer in answers} == {three.pod("client").ip}
+    after = three.statistics("node-1")
+    assert after.decisions - before.decisions == 24   # node-1's backend decided every connection
+
+
+def test_the_nodes_show_what_flannel_would_program(three):
+    show = three.show("node-1")
+    if three.cluster.config.network == "vxlan":
+        assert show["ip route show dev flannel.1"] == [
+            "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink", "10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+        assert show["bridge fdb show dev flannel.1"] == [
+            "0e:00:ac:12:00:0c dev flannel.1 dst 172.18.0.12 self permanent",
+            "0e:00:ac:12:00:0d dev flannel.1 dst 172.18.0.13 self permanent"]
+    else:
+        assert show["ip route"] == ["10.244.2.0/24 via 172.18.0.12 dev uplink",
+                                    "10.244.3.0/24 via 172.18.0.13 dev uplink"]
+
+
+def test_podnet_up_with_nodes_status_exec_and_down(state_dir):
+    from pathlib import Path
+
+    from .clitools import netns_with, podnet
+    cluster_yaml = str(Path(__file__).resolve().parents[2] / "examples" / "demo" / "cluster.yaml")
+    podnet(state_dir, "up", "-d", "-f", cluster_yaml, "--network", "direct", "--prefix", "pn-mc-")
+    try:
+        status = podnet(state_dir, "status").stdout.splitlines()
+        assert [line.split()[1::5] for line in status[1:]] == [["client", "node-1"], ["web-2", "node-2"],
+                                                                ["web-3", "node-3"]]
+        got = podnet(state_dir, "exec", "-n", "demo", "client", "--", "curl", "-sS", "-m", "5",
+                     "http://10.244.3.2:8080/").stdout
+        assert got.strip() == "web-3 (from 10.244.1.2)"
+    finally:
+        podnet(state_dir, "down")
+    assert netns_with("pn-mc-") == []

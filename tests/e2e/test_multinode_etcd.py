@@ -1,0 +1,95 @@
+"""Three node processes and a real etcd on loopback: kill one node, start it again.
+
+The control plane runs in this test's process; each node is a `podnet node join` process of its
+own. Killing node-2's process (SIGKILL, by its pid) makes its pod unreachable while node-1's pod
+still reaches node-3's and the Service, once node-2's registration lease runs out, answers from
+node-3's backend alone; started again, node-2 releases what its killed run left, gets its subnet
+back from the store and its pod's address back from its IPAM files, and is reachable again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from podnet.cluster.topology import ClusterConfig
+from podnet.cluster_procs import run_cluster_processes
+from podnet.linux.resources import process_matches
+from podnet.store.etcd_server import ETCD_BINARY, run_etcd
+
+from .cluster_pods import ASK, cluster
+
+pytestmark = pytest.mark.root
+
+# one TCP connection to host:port with a short timeout: prints ok or the error
+PROBE = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
+        print("ok", s.makefile().readline().strip())
+except OSError as exc:
+    print("failed", type(exc).__name__)
+"""
+
+
+def _probe(c, target: str, port: int = 8080, timeout_s: float = 5.0) -> str:
+    return c.exec("client", [sys.executable, "-c", PROBE, target, str(port), str(timeout_s)]).stdout.decode().strip()
+
+
+def _wait(predicate, what: str, timeout_s: float = 30.0):
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def etcd():
+    if not os.access(ETCD_BINARY, os.X_OK):
+        pytest.fail(f"{ETCD_BINARY} is missing (Debian's etcd-server; `make setup` installs it)")
+    with run_etcd() as server:
+        yield server
+
+
+def test_kill_a_node_process_and_start_it_again(etcd, tmp_path):
+    config = ClusterConfig(network="vxlan", store=etcd.endpoint, prefix="pn-me-", state_dir=str(tmp_path / "state"),
+                           node_lease_ttl_s=2, min_sync_period_s=0.2, grace_period_s=1)
+    with run_cluster_processes(cluster(), config) as c:
+        pids = {name: node.pid for name, node in c.nodes.items()}
+        assert len(set(pids.values())) == 3 and os.getpid() not in pids.values()
+        web2, web3, blob = (c.pod(n)["ip"] for n in ("web-2", "web-3", "blob"))
+        assert {r["name"]: r["node"] for r in c.status()} == {
+            "client": "node-1", "web-2": "node-2", "web-3": "node-3", "blob": "node-3"}
+        cluster_ip = next(s["cluster_ip"] for s in c.services_status() if s["name"] == "web")
+        client_ip = c.pod("client")["ip"]
+        assert _probe(c, web2) == f"ok web-2 {client_ip}"
+        answers = c.exec("client", [sys.executable, "-c", ASK, cluster_ip, "80", "12"]).stdout.decode().split("\n")
+        assert {line.split()[0] for line in answers if line} == {"web-2", "web-3"}
+
+        # node-2 crashes: its pod is unreachable, everything else goes on
+        c.kill_node("node-2")
+        assert not process_matches(pids["node-2"], 0) and os.path.exists(f"/run/netns/pn-me-web-2")
+        assert _probe(c, web2, timeout_s=1.0).startswith("failed")
+        assert _probe(c, blob, port=9000).startswith("ok peer=")
+        assert _probe(c, web3) == f"ok web-3 {client_ip}"
+        # once its registration lease ran out, the control plane takes its pod out of the Service
+        _wait(lambda: c.pod("web-2")["phase"] == "NodeLost", "node-2's pods to be marked lost", 60)
+        _wait(lambda: all(line.startswith("web-3") for line in c.exec(
+            "client", [sys.executable, "-c", ASK, cluster_ip, "80", "8"]).stdout.decode().split("\n") if line),
+            "the Service to answer from node-3 alone")
+
+        # node-2 starts again: same subnet, same pod address, reachable again
+        c.start_node("node-2")
+        assert c.nodes["node-2"].pid != pids["node-2"]
+        c.wait_ready(60)
+        assert c.pod("web-2")["ip"] == web2 and c.pod("web-2")["node"] == "node-2"
+        assert _wait(lambda: _probe(c, web2) == f"ok web-2 {client_ip}", "web-2 to answer again")
+        _wait(lambda: {line.split()[0] for line in c.exec(
+            "client", [sys.executable, "-c", ASK, cluster_ip, "80", "12"]).stdout.decode().split("\n") if line}
+            == {"web-2", "web-3"}, "the Service to answer from both nodes again")
+    assert not any(process_matches(pid, 0) for pid in pids.values())
