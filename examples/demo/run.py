@@ -1,9 +1,12 @@
-"""The default demo: one node, a client pod and three HTTP server pods, all through podnet.
+"""The default demo: one node, a client pod and three HTTP server pods, all through podnet; then
+three nodes.
 
 Run as root: `make demo` (or `.venv/bin/python examples/demo/run.py`). It brings the pods up from
 pods.yaml, shows each pod's address and routes as `ip` shows them inside the pod, fetches from every
 server from the client pod through the Python datapath, prints what the datapath counted, and
-tears everything down.
+tears everything down. The three-node act brings up cluster.yaml: three nodes, each its own
+datapath, on an underlay bridge, joined by Flannel-style VXLAN and programmed from the cluster
+store; the client on node-1 reaches a Service whose backends are on node-2 and node-3.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 import trio
 
 from podnet.cli import format_pods, format_stats
+from podnet.cluster.topology import ClusterConfig
+from podnet.cluster_lab import open_cluster
 from podnet.control import _jsonable
 from podnet.core.services.registry import BACKENDS
 from podnet.lab import LabConfig, open_lab
@@ -43,8 +48,8 @@ async def fetch_many(lab, url: str, count: int) -> dict[str, int]:
     script = f"for i in $(seq {count}); do curl -sS -m 5 {url}; done"
     result = await lab.exec("client", ["sh", "-c", script], namespace="demo")
     answers: dict[str, int] = {}
-    for line in result.stdout.decode().split():
-        answers[line] = answers.get(line, 0) + 1
+    for line in result.stdout.decode().splitlines():
+        answers[line.strip()] = answers.get(line.strip(), 0) + 1
     return answers
 
 
@@ -110,6 +115,39 @@ async def main(manifests: list[str], config: LabConfig | None = None) -> dict:
         seen["stats"] = stats
         banner("tearing down")
     print("all namespaces, TAPs and processes removed")
+    seen["cluster"] = await cluster_act(config or LabConfig())
+    return seen
+
+
+async def cluster_act(config: LabConfig, network: str = "vxlan") -> dict:
+    """Three nodes from cluster.yaml, in this process around the embedded store."""
+    seen: dict = {}
+    cluster_config = ClusterConfig(network=network, prefix=config.prefix, state_dir=config.state_dir,
+                                   offloads=config.offloads, persist_ipam=config.persist_ipam)
+    async with open_cluster([str(HERE / "cluster.yaml")], cluster_config) as cluster:
+        banner(f"three nodes, {network} (podnet up -f cluster.yaml --network {network}): podnet status")
+        print(format_pods(cluster.status()))
+        for node in cluster.nodes.values():
+            print(f"{node.name}: underlay {node.spec.ip} ({node.spec.uplink_mac}), pod subnet {node.subnet} "
+                  f"(leased from the store), pods {', '.join(p.name for p in node.lab.pods.values())}")
+        svc = next(s for s in cluster.services_status() if s["name"] == "web")
+        url = f"http://{svc['cluster_ip']}/"
+        banner(f"from client on node-1: curl the Service {svc['cluster_ip']} (backends on node-2 and node-3)")
+        answers = await fetch_many(cluster, url, 12)
+        seen["service"] = answers
+        for answer, count in sorted(answers.items()):
+            print(f"{count:3} x {answer}")
+        web = cluster.pod("web-3", "demo")
+        result = await cluster.exec("client", ["curl", "-sS", "-m", "5", f"http://{web.ip}:8080/"], namespace="demo")
+        seen["direct"] = result.stdout.decode().strip()
+        print(f"curl http://{web.ip}:8080/ -> {seen['direct']}   (the client pod's own address arrives)")
+        node = cluster.node("node-1")
+        for title, lines in node.show().items():
+            banner(f"node-1: {title}")
+            print("\n".join(lines))
+        seen["show"] = node.show()
+        banner("tearing down the three nodes")
+    print("all namespaces, TAPs and the underlay removed")
     return seen
 
 

@@ -40,6 +40,13 @@ def test_demo_fetches_from_every_server_through_the_datapath(state_dir, capsys):
     assert "-j KUBE-SVC-" in out                       # iptables-save of the Service's chains
     if "ebpf" in BACKENDS:
         assert "Frontend" in out and "=> 10.244.0.3:8080/TCP (active)" in out   # cilium service list
+    # the three-node act: a Service on node-1 answered from node-2 and node-3, the client's address kept
+    cluster = seen["cluster"]
+    assert set(cluster["service"]) == {"web-2 (from 10.244.1.2)", "web-3 (from 10.244.1.2)"}
+    assert sum(cluster["service"].values()) == 12 and cluster["direct"] == "web-3 (from 10.244.1.2)"
+    assert cluster["show"]["bridge fdb show dev flannel.1"] == [
+        "0e:00:ac:12:00:0c dev flannel.1 dst 172.18.0.12 self permanent",
+        "0e:00:ac:12:00:0d dev flannel.1 dst 172.18.0.13 self permanent"]
 
 
 def test_bridge_mode_udp_echo_is_switched_by_the_learning_bridge(state_dir):
