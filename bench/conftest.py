@@ -85,6 +85,11 @@ def _stream_lines(report: Report) -> list[str]:
     lines += ["", "  podnet / raw forwarder",
               f"    offloads on : {_share(report, 'podnet-offloads', 'raw-forwarder-offloads')}",
               f"    offloads off: {_share(report, 'podnet-no-offloads', 'raw-forwarder-no-offloads')}"]
+    same = report.streams.get("same-node")
+    if same and same["gbps"]:   # bench/test_multinode.py: the same three-node cluster, one run
+        parts = [f"{case.split('-', 1)[1]} {report.streams[case]['gbps'] / same['gbps']:.0%}"
+                 for case in ("crossnode-direct", "crossnode-vxlan") if case in report.streams]
+        lines.append(f"  cross-node / same-node in one cluster: {', '.join(parts)}")
     veth = report.streams.get("kernel-veth")
     if veth and veth["gbps"]:
         parts = [f"{case} {info['gbps'] / veth['gbps']:.0%}" for case, info in report.streams.items()
