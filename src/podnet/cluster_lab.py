@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import os
 import subprocess
-import threading
 from collections.abc import Iterator, Sequence
 
 import trio
@@ -45,6 +44,7 @@ from podnet.lab import PodState, exec_in_pod
 from podnet.linux.resources import Resources, state_dir_default
 from podnet.linux.underlay import Underlay, create_underlay, remove_underlay
 from podnet.store import Store, open_store
+from podnet.runtime.background import run_in_background
 
 
 class Cluster:
@@ -227,33 +227,9 @@ class SyncCluster:
 @contextlib.contextmanager
 def run_cluster(manifests, config: ClusterConfig | None = None, *, wait_ready_s: float | None = 60.0
                 ) -> Iterator[SyncCluster]:
-    ready = threading.Event()
-    box: dict = {}
-
-    async def main() -> None:
-        try:
-            async with open_cluster(manifests, config, wait_ready_s=wait_ready_s) as cluster:
-                box["cluster"] = SyncCluster(cluster, trio.lowlevel.current_trio_token())
-                box["stop"] = trio.Event()
-                ready.set()
-                await box["stop"].wait()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=trio.run, args=(main,), name="podnet-cluster", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in box:
-        thread.join()
-        raise box["error"]
-    try:
-        yield box["cluster"]
-    finally:
-        trio.from_thread.run_sync(box["stop"].set, trio_token=box["cluster"]._token)
-        thread.join()
-        if "error" in box:
-            raise box["error"]
+    with run_in_background(lambda: open_cluster(manifests, config, wait_ready_s=wait_ready_s), SyncCluster,
+                           name="podnet-cluster") as cluster:
+        yield cluster
 
 
 __all__ = ["Cluster", "ClusterConfig", "SyncCluster", "open_cluster", "run_cluster"]

@@ -43,6 +43,7 @@ from podnet.linux.underlay import Underlay, create_underlay, remove_underlay
 from podnet.store import Store, open_store
 from podnet.store.flannel import FLANNEL_PREFIX
 from podnet.store.objects import REGISTRY
+from podnet.runtime.background import run_in_background
 
 log = logging.getLogger(__name__)
 
@@ -262,33 +263,9 @@ class SyncClusterProcesses:
 @contextlib.contextmanager
 def run_cluster_processes(manifests, config: ClusterConfig, *, wait_ready_s: float | None = 60.0
                           ) -> Iterator[SyncClusterProcesses]:
-    ready = threading.Event()
-    box: dict = {}
-
-    async def main() -> None:
-        try:
-            async with open_cluster_processes(manifests, config, wait_ready_s=wait_ready_s) as procs:
-                box["procs"] = SyncClusterProcesses(procs, trio.lowlevel.current_trio_token())
-                box["stop"] = trio.Event()
-                ready.set()
-                await box["stop"].wait()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=trio.run, args=(main,), name="podnet-cluster-procs", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in box:
-        thread.join()
-        raise box["error"]
-    try:
-        yield box["procs"]
-    finally:
-        trio.from_thread.run_sync(box["stop"].set, trio_token=box["procs"]._token)
-        thread.join()
-        if "error" in box:
-            raise box["error"]
+    with run_in_background(lambda: open_cluster_processes(manifests, config, wait_ready_s=wait_ready_s),
+                           SyncClusterProcesses, name="podnet-cluster-procs") as procs:
+        yield procs
 
 
 __all__ = ["ClusterProcesses", "SyncClusterProcesses", "join_argv", "open_cluster_processes",

@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from podnet.linux.pod import plumb_pod
 from podnet.linux.resources import Entry, ResourceKind, Resources, state_dir_default
 from podnet.linux.tap import Tap, open_tap
 from podnet.probes import ReadinessTracker
+from podnet.runtime.background import run_in_background
 from podnet.runtime.ports import FdPort
 from podnet.runtime.serve import Node
 
@@ -752,30 +752,6 @@ class SyncLab:
 
 @contextlib.contextmanager
 def run_lab(manifests, config: LabConfig | None = None, *, wait_ready_s: float | None = 30.0) -> Iterator[SyncLab]:
-    ready = threading.Event()
-    box: dict = {}
-
-    async def main() -> None:
-        try:
-            async with open_lab(manifests, config, wait_ready_s=wait_ready_s) as lab:
-                box["lab"] = SyncLab(lab, trio.lowlevel.current_trio_token())
-                box["stop"] = trio.Event()
-                ready.set()
-                await box["stop"].wait()
-        except BaseException as exc:  # reported to the caller's thread below
-            box["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=trio.run, args=(main,), name="podnet-lab", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in box:
-        thread.join()
-        raise box["error"]
-    try:
-        yield box["lab"]
-    finally:
-        trio.from_thread.run_sync(box["stop"].set, trio_token=box["lab"]._token)
-        thread.join()
-        if "error" in box:
-            raise box["error"]
+    with run_in_background(lambda: open_lab(manifests, config, wait_ready_s=wait_ready_s), SyncLab,
+                           name="podnet-lab") as lab:
+        yield lab
