@@ -65,6 +65,13 @@ def markdown(data: dict, plots: dict[str, str]) -> str:
                      "anchor\" below." if data["kernel"] else
                      "The kernel's own iptables-restore time for these rule sets is not measured in this run "
                      "(`kernel` in results.json is empty)."), ""]
+        counts = data["rules_total"]
+        if counts:
+            lines += ["What each backend holds after syncing N Services (iptables: rules in the nat and filter "
+                      "tables; IPVS: virtual services and real servers; eBPF: entries in its service, backend and rev-NAT maps):", ""]
+            lines += _table(["Service count"] + [f"{_title(b)} objects" for b in backends],
+                            [[f"{n:,}"] + [_num(counts.get(b, {}).get(str(n)), ",.0f") for b in backends]
+                             for n in sizes])
         if "update" in plots:
             lines += [f"![update cost vs Services]({plots['update']})", ""]
 

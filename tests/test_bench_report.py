@@ -113,6 +113,7 @@ def test_writes_results_report_and_plots(writer, tmp_path):
     assert "| Service count | iptables update | IPVS update | eBPF update |" in md
     assert "| Service count | iptables (µs) | IPVS (µs) | eBPF (µs) | **published** kernel iptables" in md
     assert "| 1,000 | 51.0 / 400.0 |" in md     # partial / full
+    assert "| 1,000 | 17,000 | 17,000 | 17,000 |" in md   # objects held after the sync
     assert "| 30,000 | — | — | — | 272 / 714 |" in md
     assert "| podnet-offloads | 17.23 | 77% |" in md
     assert "| 1,000 | 1.300 / 1.950 / 3.900 | 0.300 / 0.450 / 0.900 | 0.300 / 0.450 / 0.900 | — | — |" in md
