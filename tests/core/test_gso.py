@@ -92,6 +92,14 @@ def test_flags_ids_and_sequence_numbers_across_the_segments():
     assert [bytes(s) for s in gso.segment_tcp4(frame, 1200, fixed_id=True)] == expected(frame, 1200, fixed_id=True)
 
 
+@pytest.mark.parametrize("size, mss", [(20000, 1398), (1449, 1448), (4001, 1000), (3, 1), (5, 1448)],
+                         ids=["plain", "one-byte-over", "odd", "tiny", "single"])
+def test_lco_sum_is_the_sum_of_the_segment_from_its_ethertype(size, mss):
+    frame = super_frame(random.Random(size).randbytes(size), flags=ACK | PSH | FIN)
+    for segment in gso.segment_tcp4(frame, mss):
+        assert gso.lco_sum(segment) == naive_sum(bytes(segment[12:])) % 0xFFFF
+
+
 def test_a_super_frame_that_fits_one_segment_is_only_finished():
     frame = super_frame(b"small", flags=ACK | PSH)
     (single,) = gso.segment_tcp4(frame, 1448)

@@ -199,6 +199,18 @@ def segment_tcp4(frame, gso_size: int, *, fixed_id: bool = False) -> list[bytear
     return segments
 
 
+def lco_sum(segment) -> int:
+    """The one's complement sum (modulo 0xffff, as `_sum16`) of `segment[12:]` - the bytes an outer
+    UDP checksum covers when the segment is carried in a tunnel - read from its own checksums
+    instead of its payload: the kernel's local checksum offload (lco_csum, Documentation/networking/
+    checksum-offloads.rst). A valid IPv4 header sums to 0 and a valid TCP segment to minus its
+    pseudo-header, so only the ethertype and the pseudo-header remain. Only for what
+    `segment_tcp4` returns (both checksums complete, nothing past the IPv4 total length)."""
+    ihl = (segment[14] & 0x0F) * 4
+    tcp_len = (segment[16] << 8 | segment[17]) - ihl
+    return (0x0800 - _sum16(segment[26:34]) - pk.IPPROTO_TCP - tcp_len) % 0xFFFF
+
+
 def finish(frame, vnet) -> list | DropReason:
     """What a device without offloads puts on the wire for `frame` and its virtio-net header:
     the segments of a TCPv4 GSO frame, the frame with its checksum finished when it is
@@ -223,4 +235,4 @@ def finish(frame, vnet) -> list | DropReason:
 
 __all__ = ["GSO_ECN", "GSO_NONE", "GSO_TCPV4", "GSO_TCPV6", "GSO_UDP", "GSO_UDP_L4", "VNET_HDR_LEN",
            "VIRTIO_NET_HDR_F_DATA_VALID", "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VnetHeader", "complete_checksum",
-           "finish", "segment_tcp4"]
+           "finish", "lco_sum", "segment_tcp4"]

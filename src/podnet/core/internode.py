@@ -80,7 +80,7 @@ from .datapath import (
 from .neighbor import NeighborTable, Nud
 from .overlay.flannel import FlannelNode, Lease
 from .overlay.mtu import MtuVerdict, check_mtu
-from .overlay.vxlan import Peer, Vtep
+from .overlay.vxlan import Peer, Vtep, flow_hash, source_port
 from .packet import DropReason
 from .services.packetinfo import CtState
 from ..errors import ConfigError
@@ -573,12 +573,24 @@ class Internode:
             c.drops[inner.value] += 1
             return [Drop(inner, in_port, "fast path")]
         peer = flow[_PEER]
-        encapsulate = tunnel.vtep.encapsulate
+        vtep = tunnel.vtep
+        encapsulate = vtep.encapsulate
         out = []
-        for f in inner:
-            outer = encapsulate(f, peer)
-            self._fast_tx_bytes += len(outer)
-            out.append(_new_tuple(Transmit, (self.underlay, outer, None)))
+        if gso_size:
+            # the segments of one super-frame: one inner flow, so one UDP source port, and
+            # checksums segment_tcp4 just completed, so the outer checksum needs no pass over
+            # the payload (lco_sum); the bytes are those encapsulate(f, peer) makes
+            sport = source_port(flow_hash(inner[0], vtep.hash_seed), vtep.src_port_range)
+            lco_sum = gso.lco_sum
+            for f in inner:
+                outer = encapsulate(f, peer, sport=sport, inner_sum=lco_sum(f))
+                self._fast_tx_bytes += len(outer)
+                out.append(_new_tuple(Transmit, (self.underlay, outer, None)))
+        else:
+            for f in inner:
+                outer = encapsulate(f, peer)
+                self._fast_tx_bytes += len(outer)
+                out.append(_new_tuple(Transmit, (self.underlay, outer, None)))
         self._fast_tx += len(out)
         return out
 

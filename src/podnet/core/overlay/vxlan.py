@@ -249,13 +249,20 @@ class Vtep:
 
     # ---- transmit ---------------------------------------------------------------------------
 
-    def encapsulate(self, inner, peer: Peer, *, count: bool = True) -> bytes | DropReason:
+    def encapsulate(self, inner, peer: Peer, *, count: bool = True, sport: int | None = None,
+                    inner_sum: int | None = None) -> bytes | DropReason:
         """The outer frame that carries `inner` to `peer`, or why it cannot be sent.
 
         `inner` is an Ethernet frame routed into the tunnel; its MACs are replaced by the peer's VTEP
         MAC and ours. Frames over the tunnel MTU are refused (MTU_EXCEEDED): the routing stage
         decides beforehand what the kernel would do with them (`mtu.check_mtu`). With count=False
         (a trace) the device counters and the IP identification counter are left alone.
+
+        Two shortcuts for the segments of one GSO super-frame, which give the same bytes: `sport`,
+        the UDP source port of the inner flow (`source_port(flow_hash(...))`, the same for every
+        segment), and `inner_sum`, the one's complement sum of `inner[12:]` modulo 0xffff when the
+        caller knows it without reading the payload (`gso.lco_sum`: the kernel's local checksum
+        offload, lco_csum).
         """
         n = len(inner)
         if n < pk.ETH_HLEN:
@@ -267,7 +274,8 @@ class Vtep:
         if inner[12] == 0x08 and inner[13] == 0x00 and n >= 34:
             ecn = inner[15] & _ECN_CE
             tos = 2 if ecn == _ECN_CE else ecn  # CE is never copied outward, ECT(0) instead
-        sport = source_port(flow_hash(inner, self.hash_seed), self.src_port_range)
+        if sport is None:
+            sport = source_port(flow_hash(inner, self.hash_seed), self.src_port_range)
         udp_len = n + 16  # UDP header + VXLAN header + inner frame (whose first 12 bytes are replaced)
         tot_len = udp_len + 20
         ip_id = (self._ip_id + 1) & 0xFFFF
@@ -279,7 +287,8 @@ class Vtep:
         if self.udp_csum:
             # the pseudo-header counts the UDP length once, the UDP header once more; a computed
             # checksum of 0 is sent as 0xffff (RFC 768: 0 means "none")
-            udp_csum = -(peer._udp_sum + 2 * udp_len + sport + _sum16(payload)) % 0xFFFF or 0xFFFF
+            payload_sum = _sum16(payload) if inner_sum is None else inner_sum
+            udp_csum = -(peer._udp_sum + 2 * udp_len + sport + payload_sum) % 0xFFFF or 0xFFFF
         else:
             udp_csum = 0
         header = _OUTER.pack(peer._eth, 0x45, tos, tot_len, ip_id, self._frag_ttl_proto, ip_csum,
