@@ -19,6 +19,7 @@ import trio
 from podnet.cli import format_pods, format_stats
 from podnet.cluster.topology import ClusterConfig
 from podnet.cluster_lab import open_cluster
+from podnet.packet_trace import format_hops, trace_from_pod
 from podnet.control import _jsonable
 from podnet.core.services.registry import BACKENDS
 from podnet.lab import LabConfig, open_lab
@@ -146,6 +147,11 @@ async def cluster_act(config: LabConfig, network: str = "vxlan") -> dict:
             banner(f"node-1: {title}")
             print("\n".join(lines))
         seen["show"] = node.show()
+        banner(f"podnet trace -n demo client {svc['cluster_ip']}:80   (the first packet, node by node)")
+        hops = trace_from_pod(cluster, "client", svc["cluster_ip"], dport=80, namespace="demo",
+                              now=trio.current_time())
+        seen["trace"] = hops
+        print(format_hops(hops))
         banner("tearing down the three nodes")
     print("all namespaces, TAPs and the underlay removed")
     return seen

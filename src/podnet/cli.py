@@ -5,6 +5,7 @@
     podnet status --services [-o json] Services with their ClusterIPs (kubectl get services -A)
     podnet exec [-n NS] POD -- CMD...  run a command inside a pod; its output and exit code are yours
     podnet stats [-o json]             what the datapath counted
+    podnet trace POD DST[:PORT] [-p tcp|udp|icmp]   the first packet from a pod, node by node
     podnet iptables-save [-f FILE]     kube-proxy's rules (live, or offline for manifests): see cli_services
     podnet iptables -L | trace ...     list them as iptables does; trace a packet through them
     podnet conntrack -L | -S | -C      the datapath's conntrack table as conntrack-tools prints it
@@ -192,6 +193,17 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    dst, _, port = args.dst.partition(":")
+    if port and not port.isdigit():
+        print(f"podnet trace: bad port in {args.dst!r}", file=sys.stderr)
+        return 2
+    reply = request(_state_dir(args), "packet-trace", pod=args.pod, namespace=args.namespace, dst=dst,
+                    dport=int(port) if port else 80, proto=args.proto, sport=args.sport)
+    print(json.dumps(reply["hops"], indent=2) if args.output == "json" else reply["text"])
+    return 0
+
+
 def cmd_exec(args) -> int:
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv and not (args.external and args.pod):
@@ -290,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "status":
             p.add_argument("--services", action="store_true", help="list Services and their ClusterIPs instead")
+
+    tr = sub.add_parser("trace", help="the first packet from a pod through the datapath, across nodes")
+    tr.add_argument("pod", help="the pod the packet leaves from")
+    tr.add_argument("dst", help="destination IP[:PORT] (a pod, a ClusterIP, anything)")
+    tr.add_argument("-n", "--namespace")
+    tr.add_argument("-p", "--proto", choices=["tcp", "udp", "icmp"], default="tcp")
+    tr.add_argument("--sport", type=int, default=40000, help="source port (for icmp: the echo id)")
+    tr.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    tr.set_defaults(func=cmd_trace)
 
     ex = sub.add_parser("exec", help="run a command inside a pod (or, with --external, on the external client)")
     ex.add_argument("-n", "--namespace")

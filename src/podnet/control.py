@@ -20,6 +20,9 @@ stderr, and its exit status (an unknown chain is not a failed request):
     {"op": "conntrack", "what": "L" | "S" | "C"}     -> {"ok": true, "lines": [...]}
     {"op": "trace", "src", "sport", "proto", "dst", "dport", "all_branches", "local_ips": null}
         -> {"ok": true, "outcomes": [...outcomes_json...], "rules": {"nat/KUBE-SVC-X:2": "-m ..."}}
+    {"op": "packet-trace", "pod", "namespace": null, "dst", "dport": 80, "proto": "tcp", "sport"}
+        -> {"ok": true, "text": "...", "hops": [{"node", "frame", "in_port", "steps", "outputs"}]}
+       (the first packet from a pod through the datapath, and on across nodes: podnet.packet_trace)
 
 `local_ips` null means the lab's own addresses (the datapath's gateway and node IP). A trace reads
 the live rules and a copy of the backend's random generator: it changes nothing, and without
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import trio
 
-from podnet import inspection
+from podnet import inspection, packet_trace
 from podnet.core.conntrack_format import format_conntrack_C, format_conntrack_S
 from podnet.core.services.iptables import outcomes_json
 from podnet.errors import PodnetError
@@ -104,6 +107,8 @@ class ControlServer:
             return self._conntrack(request.get("what", "L"))
         if op == "trace":
             return self._trace(request)
+        if op == "packet-trace":
+            return self._packet_trace(request)
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # ---- Service inspection ------------------------------------------------------------------
@@ -151,6 +156,13 @@ class ControlServer:
             local_addresses=self.lab.datapath.local_addresses if local is None else local,
             all_branches=bool(request.get("all_branches")), rng=rng, now=trio.current_time())
         return {"ok": True, **outcomes_json(outcomes), "rules": inspection.path_rules(ruleset, outcomes)}
+
+    def _packet_trace(self, request: dict) -> dict:
+        hops = packet_trace.trace_from_pod(
+            self.lab, request["pod"], request["dst"], dport=int(request.get("dport", 80)),
+            proto=request.get("proto", "tcp"), sport=int(request.get("sport", inspection.DEFAULT_SPORT)),
+            namespace=request.get("namespace"), now=trio.current_time())
+        return {"ok": True, "text": packet_trace.format_hops(hops), "hops": packet_trace.hops_json(hops)}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

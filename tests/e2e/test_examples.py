@@ -47,6 +47,11 @@ def test_demo_fetches_from_every_server_through_the_datapath(state_dir, capsys):
     assert cluster["show"]["bridge fdb show dev flannel.1"] == [
         "0e:00:ac:12:00:0c dev flannel.1 dst 172.18.0.12 self permanent",
         "0e:00:ac:12:00:0d dev flannel.1 dst 172.18.0.13 self permanent"]
+    # the demo's trace: node-1 encapsulates the DNATed SYN, a backend's node delivers it
+    hops = cluster["trace"]
+    assert [h.node for h in hops][0] == "node-1" and hops[-1].node in ("node-2", "node-3")
+    assert "vxlan" in [s.stage for s in hops[0].trace.steps]
+    assert hops[-1].outputs[0].startswith("delivered to demo/web-")
 
 
 def test_bridge_mode_udp_echo_is_switched_by_the_learning_bridge(state_dir):

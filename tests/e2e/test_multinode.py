@@ -82,6 +82,35 @@ def test_a_service_on_node1_reaches_backends_on_node2_and_node3(three, backend):
     assert after.decisions - before.decisions == 24   # node-1's backend decided every connection
 
 
+def test_a_trace_follows_the_first_packet_to_a_service_across_nodes(three):
+    """podnet trace: node-1 DNATs to a backend on another node; that node delivers it unchanged."""
+    from podnet.packet_trace import trace_from_pod
+
+    cluster_ip = next(s["cluster_ip"] for s in three.services_status() if s["name"] == "web")
+    three.exec("client", ["ping", "-c1", "-W2", three.pod("web-2").ip])   # neighbours resolved, as after traffic
+    three.exec("client", ["ping", "-c1", "-W2", three.pod("web-3").ip])
+    before = three.statistics("node-1")
+    hops = three.call(lambda: trace_from_pod(three.cluster, "client", cluster_ip, dport=80))
+    assert [h.node for h in hops][0] == "node-1" and len(hops) == 2, [h.outputs for h in hops]
+    first, second = hops
+    stages = [step.stage for step in first.trace.steps]
+    assert "nat" in stages and stages.index("route") < stages.index("forward")
+    if three.config.network == "vxlan":
+        assert "vxlan" in stages and second.trace.steps[1].stage == "vxlan"
+    backend_ip = next(step.detail.split()[1].split(":")[0] for step in first.trace.steps if step.stage == "nat")
+    owner = next(r for r in three.status() if r["ip"] == backend_ip)
+    assert second.node == owner["node"] and second.node in ("node-2", "node-3")
+    # the next node sees the DNATed packet from the client's own address, and delivers it
+    inner = next(step for step in second.trace.steps if step.stage == "ipv4")
+    assert inner.detail.startswith(f"{three.pod('client').ip} > {backend_ip} ")
+    assert len(second.outputs) == 1 and second.outputs[0].startswith(
+        f"delivered to {owner['namespace']}/{owner['name']} (eth0, {three.pod(owner['name']).mac}): IP ")
+    # a trace changes nothing
+    after = three.statistics("node-1")
+    assert (after.decisions, after.flows, after.slow_path_packets) == (before.decisions, before.flows,
+                                                                       before.slow_path_packets)
+
+
 def test_the_nodes_show_what_flannel_would_program(three):
     show = three.show("node-1")
     if three.cluster.config.network == "vxlan":
@@ -108,6 +137,13 @@ def test_podnet_up_with_nodes_status_exec_and_down(state_dir):
         got = podnet(state_dir, "exec", "-n", "demo", "client", "--", "curl", "-sS", "-m", "5",
                      "http://10.244.3.2:8080/").stdout
         assert got.strip() == "web-3 (from 10.244.1.2)"
+        trace = podnet(state_dir, "trace", "-n", "demo", "client", "10.244.3.2:8080").stdout
+        assert trace.startswith("node-1: IP 10.244.1.2.40000 > 10.244.3.2.8080: tcp 0  (in demo/client)")
+        assert "\nnode-3: " in trace and "\n  => delivered to demo/web-3 (eth0, " in trace
+        bad = podnet(state_dir, "trace", "nosuch", "10.244.3.2", check=False)
+        assert bad.returncode != 0 and "no pod 'nosuch'" in bad.stderr
+        bad = podnet(state_dir, "trace", "-n", "demo", "client", "10.244.3", check=False)
+        assert bad.returncode != 0 and "is not an IPv4 address" in bad.stderr
     finally:
         podnet(state_dir, "down")
     assert netns_with("pn-mc-") == []

@@ -110,3 +110,34 @@ def test_status_reports_running_and_ready(lab):
     assert {r["phase"] for r in rows.values()} == {"Running"}
     assert rows["server"]["ready"] == "1/1" and rows["server"]["node"] == "node-1"
     assert rows["client"]["netns"] == "pn-e2client"
+
+
+def test_a_trace_walks_the_first_packet_and_changes_nothing(lab):
+    """podnet trace on one node: the SYN from the client is routed to the server's TAP; a port
+    nobody routes, and a pod that does not exist, are answered as such."""
+    import trio
+
+    from podnet.errors import ConfigError
+    from podnet.packet_trace import format_hops, trace_from_pod
+
+    def trace(*args, **kw):
+        return trio.from_thread.run_sync(lambda: trace_from_pod(lab.lab, *args, **kw), trio_token=lab._token)
+
+    server, client = lab.pod("server"), lab.pod("client")
+    before = lab.statistics()
+    for proto in ("tcp", "udp", "icmp"):
+        hops = trace("client", server.ip, dport=8080, proto=proto)
+        assert len(hops) == 1 and hops[0].node == lab.config.node_name
+        assert len(hops[0].outputs) == 1, format_hops(hops)
+        assert hops[0].outputs[0].startswith(f"delivered to default/server (eth0, {server.mac}): IP {client.ip}")
+        assert [s.stage for s in hops[0].trace.steps][:2] == ["eth", "ipv4"]
+        assert hops[0].trace.steps[1].detail.startswith(f"{client.ip} > {server.ip} ")
+    unroutable = trace("client", "10.250.0.1", dport=80)[0].outputs
+    assert unroutable[-1] == "dropped: no_route (10.250.0.1)"
+    # and the client is told so: ICMP destination unreachable from the gateway
+    assert unroutable[0].startswith(f"delivered to default/client (eth0, {client.mac}): IP 169.254.1.1 > {client.ip}")
+    with pytest.raises(ConfigError, match="no pod 'nosuch'"):
+        trace("nosuch", server.ip)
+    after = lab.statistics()
+    assert (after.flows, after.slow_path_packets, after.dropped) == (before.flows, before.slow_path_packets,
+                                                                     before.dropped)

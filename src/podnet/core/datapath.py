@@ -507,6 +507,11 @@ class Datapath:
             ctx.step("nat", "reply: un-NAT" if direction else "NAT", _describe_rewrite(r))
         elif not ctx.commit and (decision.dnat is not None or decision.masquerade):
             ctx.step("nat", "would NAT", f"dnat {_hostport(decision.dnat)} masquerade {decision.masquerade}")
+            # the trace's own copy, rewritten as the first packet would be (a masqueraded source keeps
+            # its port, as when it is free), so the frames a trace transmits are what the wire would carry
+            dst, dport = decision.dnat if decision.dnat is not None else (None, None)
+            src = self.node_ip if decision.masquerade and self.node_ip is not None else None
+            nat.rewrite(frame, info.l4, info.proto, src=src, dst=dst, dport=dport, vnet=vnet)
         pk.decrement_ttl(frame, info.ttl)
         if hop is not None:   # the neighbour's MAC, or the VXLAN encapsulation
             return self.internode.transmit(frame, info, port, out, hop, entry, direction, vnet, ctx)
