@@ -57,7 +57,8 @@ from podnet.linux.underlay import Underlay, open_uplink
 from podnet.runtime.ports import FdPort
 from podnet.store import EventType, KeyValue, Store
 from podnet.store.flannel import (LeaseAttrs, SubnetLease, acquire_subnet_lease, keep_subnet_lease,
-                                  lease_from_kv, parse_subnet_key, read_network_config, SUBNETS_PREFIX)
+                                  lease_from_kv, parse_subnet_key, read_network_config, renew_subnet_lease,
+                                  SUBNETS_PREFIX)
 from podnet.store.informer import Reflector
 from podnet.store.nodes import keep_node_registered
 from podnet.store.objects import decode, encode, kind_prefix, object_key
@@ -142,9 +143,10 @@ class ClusterNode:
 
     async def attach_uplink(self) -> None:
         c, spec, dp = self.config, self.spec, self.lab.datapath
+        want_gso = c.network == "vxlan" and c.udp_tunnel_gso
         self._tap = await trio.to_thread.run_sync(lambda: open_uplink(
             self.underlay, f"uplink:{spec.name}", prefix=c.prefix, vnet_hdr=c.vnet_hdr, offloads=c.offloads,
-            mtu=c.underlay_mtu))
+            mtu=c.underlay_mtu, udp_tunnel_gso=want_gso))
         self.uplink_port = dp.add_uplink("uplink", spec.uplink_mac, cidr=c.underlay_cidr)
         if c.network == "vxlan":
             own = Lease(self.subnet, spec.ip, spec.vtep_mac, c.vni)
@@ -152,7 +154,21 @@ class ClusterNode:
                         port=c.vxlan_port, underlay_mtu=c.underlay_mtu)
             self.tunnel_port = dp.add_tunnel(vtep, FlannelNode(own, network=c.cluster_cidr,
                                                                 underlay_mtu=c.underlay_mtu))
-        self.lab.node.attach(self.uplink_port, FdPort(self._tap.fd, vnet_hdr=self._tap.vnet_hdr, name="uplink"))
+            dp.internode.set_tunnel_gso(self._tap.udp_tunnel_gso)
+            await self._publish_tunnel_gso(self._tap.udp_tunnel_gso)
+        self.lab.node.attach(self.uplink_port, FdPort(self._tap.fd, vnet_hdr=self._tap.vnet_hdr, name="uplink",
+                                                      vnet_hdr_len=self._tap.vnet_hdr_len))
+
+    async def _publish_tunnel_gso(self, enabled: bool) -> None:
+        """The lease was acquired before the uplink opened: say in it (BackendData's
+        PodnetTunnelGSO) whether the uplink takes whole VXLAN super-frames, if it does not yet."""
+        if self.lease.attrs.tunnel_gso == enabled:
+            return
+        attrs = _lease_attrs(self.spec, self.config, tunnel_gso=enabled)
+        now = trio.current_time()
+        self.lease = await trio.to_thread.run_sync(lambda: renew_subnet_lease(
+            self.store, dataclasses.replace(self.lease, attrs=attrs), now=now))
+        log.info("node %s: lease %s republished, PodnetTunnelGSO %s", self.name, self.subnet, enabled)
 
     async def detach_uplink(self) -> None:
         if self._tap is None:
@@ -175,7 +191,7 @@ class ClusterNode:
                 dp.add_route(subnet, self.uplink_port, via=lease.attrs.public_ip)
             elif lease.attrs.backend_type == "vxlan" and lease.attrs.vtep_mac:
                 dp.internode.add_lease(Lease(subnet, lease.attrs.public_ip, lease.attrs.vtep_mac,
-                                             lease.attrs.vni or c.vni))
+                                             lease.attrs.vni or c.vni, tunnel_gso=lease.attrs.tunnel_gso))
             else:
                 log.warning("node %s: lease %s has backend %r, not vxlan: ignored", self.name, subnet,
                             lease.attrs.backend_type)
@@ -333,9 +349,9 @@ async def _wait_network_config(store: Store, timeout_s: float):
     raise TimeoutError(f"no Flannel network config in the store after {timeout_s:.0f} s")
 
 
-def _lease_attrs(spec: NodeSpec, config: ClusterConfig) -> LeaseAttrs:
+def _lease_attrs(spec: NodeSpec, config: ClusterConfig, *, tunnel_gso: bool = False) -> LeaseAttrs:
     if config.network == "vxlan":
-        return LeaseAttrs.vxlan(spec.ip, spec.vtep_mac, config.vni)
+        return LeaseAttrs.vxlan(spec.ip, spec.vtep_mac, config.vni, tunnel_gso=tunnel_gso)
     return LeaseAttrs(spec.ip, config.flannel_backend)
 
 

@@ -737,3 +737,116 @@ def test_random_frames_on_every_port_of_a_vxlan_node_never_raise():
             a.handle_timer(now)
     stats = a.statistics()
     assert len(stats.drops) >= 8 and sum(p.tx_packets for p in stats.ports) > 100
+
+
+# ---- GSO over the UDP tunnel (whole super-frames between podnet nodes) -------------------------------
+
+TUNNEL_VNET_EXAMPLE = bytes.fromhex("01" "21" "6800" "7605" "5400" "1000" "0000" "00000000" "0000" "0000"
+                                    "2200" "4000")
+
+
+def test_the_24_byte_tunnel_header_packs_and_parses_to_the_exact_bytes():
+    header = gso.TunnelVnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.GSO_TCPV4 | gso.GSO_UDP_TUNNEL_IPV4, 104,
+                                  1398, 84, 16, outer_th_offset=34, inner_nh_offset=64)
+    assert header.pack() == TUNNEL_VNET_EXAMPLE and len(TUNNEL_VNET_EXAMPLE) == gso.VNET_HDR_TUNNEL_LEN
+    assert gso.TunnelVnetHeader.parse(TUNNEL_VNET_EXAMPLE) == header
+    assert gso.TunnelVnetHeader.parse(TUNNEL_VNET_EXAMPLE[:10]) is None
+    # the first 10 bytes are an ordinary virtio_net_hdr
+    assert gso.VnetHeader.parse(TUNNEL_VNET_EXAMPLE) == gso.VnetHeader(1, 0x21, 104, 1398, 84, 16)
+
+
+def test_the_lease_says_tunnel_gso_only_when_it_is_on():
+    off, on = lease("a"), Lease(*NODES["a"][0:2], NODES["a"][3], 1, tunnel_gso=True)
+    assert off.to_etcd()[1] == ('{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"vxlan",'
+                                '"BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}}')
+    assert on.to_etcd()[1] == ('{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"vxlan",'
+                               '"BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00","PodnetTunnelGSO":true}}')
+    assert Lease.from_etcd(*on.to_etcd()) == on and Lease.from_etcd(*off.to_etcd()) == off
+    assert Lease.from_node(on.subnet, on.annotations()) == on and on != off
+    from podnet.store.flannel import LeaseAttrs
+    plain = LeaseAttrs.vxlan("192.0.2.1", "0a:58:0a:f4:01:00")
+    flagged = LeaseAttrs.vxlan("192.0.2.1", "0a:58:0a:f4:01:00", tunnel_gso=True)
+    assert plain.to_json() == ('{"PublicIP":"192.0.2.1","BackendType":"vxlan",'
+                               '"BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}}')
+    assert flagged.to_json() == plain.to_json()[:-2] + ',"PodnetTunnelGSO":true}}'
+    assert not plain.tunnel_gso and LeaseAttrs.from_json(flagged.to_json()).tunnel_gso
+
+
+def _gso_cluster(flag_b: bool = True) -> Cluster:
+    cl = cluster("vxlan")
+    for name in ("a", "b"):
+        cl.dp[name].internode.set_tunnel_gso(True)
+    other = {"a": "b", "b": "a"}
+    for name in ("a", "b"):
+        peer = other[name]
+        flag = flag_b if peer == "b" else True
+        cidr, ip, _uplink, vtep_mac = NODES[peer]
+        assert cl.dp[name].internode.add_lease(Lease(cidr, ip, vtep_mac, 1, tunnel_gso=flag)) is flag
+    cl.send("a", F.tcp(POD["a"], POD["b"], 40000, 80, flags=SYN, src_mac=POD_MAC["a"]), 0.0)
+    cl.send("b", F.tcp(POD["b"], POD["a"], 80, 40000, flags=SYN | ACK, src_mac=POD_MAC["b"]), 0.1)
+    return cl
+
+
+def test_a_tso_super_frame_crosses_the_tunnel_whole_to_a_peer_that_takes_it_and_arrives_whole():
+    cl = _gso_cluster()
+    payload = random.Random(4).randbytes(20000)
+    last_id = None
+    for t in (1.0, 2.0, 3.0):   # the slow path, then the cached one
+        frame, vnet = _super_frame(payload, mss=1398)
+        since_wire, since_pod = len(cl.wire.log), len(cl.received("b"))
+        cl.send("a", frame, t, vnet)
+        (seen,) = [s for s in cl.wire.log[since_wire:] if decode(s.frame).type != 0x0806]
+        outer = decode(seen.frame)
+        header = gso.TunnelVnetHeader.parse(seen.vnet)
+        assert len(seen.vnet) == 24 and header == gso.TunnelVnetHeader(
+            1, 0x21, 50 + 54, 1398, 84, 16, outer_th_offset=34, inner_nh_offset=64)
+        assert outer.data.len == 36 + len(frame) and ip_header_ok(outer.data)
+        assert outer.data.data.ulen == 16 + len(frame) and outer.data.data.sum == 0
+        assert outer.data.data.dport == 4789 and bytes(outer.data)[6:8] == b"\x00\x00" and outer.data.ttl == 64
+        inner = vxlan_inner(outer)
+        assert inner.data.data.data == payload and inner.dst == mac("b", 3) and inner.src == mac("a", 3)
+        if last_id is not None:   # the IP ID counter moved on by the segment count
+            assert outer.data.id == (last_id + 15) & 0xFFFF
+        last_id = outer.data.id
+        ((got, got_vnet),) = cl.received("b")[since_pod:]
+        assert gso.VnetHeader.parse(got_vnet) == gso.VnetHeader(1, gso.GSO_TCPV4, 54, 1398, 34, 16)
+        assert len(got_vnet) == 10 and decode(got).data.data.data == payload
+        assert bytes(got)[34:] == bytes(frame)[34:]   # the TCP bytes, partial checksum included
+    stats = cl.dp["a"].statistics()
+    assert stats.dropped == 0 and stats.tunnel.tx_packets == 1 + 3 * 15 and stats.fast_path_packets >= 2
+    assert cl.dp["b"].statistics().dropped == 0
+
+
+@pytest.mark.parametrize("case", ["peer-without-flag", "too-big"])
+def test_the_software_path_stays_for_a_peer_without_the_flag_and_for_frames_over_64k(case):
+    cl = _gso_cluster(flag_b=case == "too-big")
+    size = 20000 if case == "peer-without-flag" else 65440   # 54 + 65440 + 50 > 65535
+    payload = random.Random(5).randbytes(size)
+    for t in (1.0, 2.0):
+        frame, vnet = _super_frame(payload, mss=1398)
+        since_wire = len(cl.wire.log)
+        cl.send("a", frame, t, vnet)
+        seen = [s for s in cl.wire.log[since_wire:] if decode(s.frame).type != 0x0806]
+        assert len(seen) == -(-size // 1398) and all(s.vnet is None for s in seen)
+        outers = [decode(s.frame) for s in seen]
+        assert all(o.data.data.sum != 0 and l4_ok(o.data) and ip_header_ok(o.data) for o in outers)
+        assert b"".join(vxlan_inner(o).data.data.data for o in outers) == payload
+    assert cl.dp["a"].statistics().dropped == 0
+
+
+def test_a_whole_super_frame_from_a_kernel_peer_is_decapsulated_with_its_inner_gso():
+    cl = cluster("vxlan")
+    a = cl.dp["a"]
+    payload = random.Random(6).randbytes(5000)
+    inner = F.tcp(POD["b"], POD["a"], 80, 40000, flags=ACK, payload=payload, src_mac=mac("b", 3))
+    udp_len = 16 + len(inner)
+    outer = bytearray(_from_b())[:50] + bytes(inner)   # B's outer headers, lengths fixed below
+    struct.pack_into("!H", outer, 16, 20 + udp_len)
+    struct.pack_into("!H", outer, 38, udp_len)
+    outer[40:42] = b"\x00\x00"
+    fix_ip_checksum(outer)
+    outer[50:62] = mac("a", 3) + mac("b", 3)
+    vnet = gso.TunnelVnetHeader(1, 0x21, 104, 1000, 84, 16, outer_th_offset=34, inner_nh_offset=64).pack()
+    (tx,) = a.process(outer, cl.uplink["a"], 1.0, vnet)
+    assert tx.port == cl.pod["a"] and decode(tx.frame).data.data.data == payload
+    assert gso.VnetHeader.parse(tx.vnet) == gso.VnetHeader(1, gso.GSO_TCPV4, 54, 1000, 34, 16)

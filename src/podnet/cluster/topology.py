@@ -51,6 +51,7 @@ class ClusterConfig:
     persist_ipam: bool = True           # host-local's files: a restarted node's pods keep their addresses
     offloads: bool = True
     vnet_hdr: bool = True
+    udp_tunnel_gso: bool = True         # vxlan: whole super-frames between podnet nodes when the kernel can
     underlay_cidr: str = "172.18.0.0/24"
     underlay_mtu: int = 1500
     cluster_cidr: str = "10.244.0.0/16"

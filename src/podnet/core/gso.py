@@ -14,6 +14,14 @@ virtio_net_hdr (include/uapi/linux/virtio_net.h, little-endian), 10 bytes:
     flags[0] (1 NEEDS_CSUM, 2 DATA_VALID)  gso_type[1] (0 NONE, 1 TCPV4, 3 UDP, 4 TCPV6, 5 UDP_L4,
     | 0x80 ECN)  hdr_len[2:4]  gso_size[4:6]  csum_start[6:8]  csum_offset[8:10]
 
+GSO over a UDP tunnel (Linux 6.18, linux/tap.py `udp_tunnel_gso`): a TAP with a 24-byte header
+reads and writes `struct virtio_net_hdr_v1_hash_tunnel` (`TunnelVnetHeader`): the 10 bytes above,
+num_buffers[10:12] hash_value[12:16] hash_report[16:18] padding[18:20] outer_th_offset[20:22]
+inner_nh_offset[22:24]. gso_type = the inner type | GSO_UDP_TUNNEL_IPV4 (0x20, 0x40 for an IPv6
+outer header); NEEDS_CSUM with csum_start/csum_offset at the inner L4 checksum; for VXLAN over
+IPv4 outer_th_offset = 34 (the outer UDP header) and inner_nh_offset = 64 (the inner IPv4 header).
+The kernel then carries one outer frame of up to 64 KB and cuts it where a device cannot take it.
+
 Segmentation follows net/ipv4/tcp_offload.c (tcp_gso_segment) and af_inet.c (inet_gso_segment):
 
 - the payload after the TCP header is cut into gso_size pieces; every segment repeats the
@@ -52,8 +60,13 @@ GSO_UDP = 3
 GSO_TCPV6 = 4
 GSO_UDP_L4 = 5
 GSO_ECN = 0x80
+GSO_UDP_TUNNEL_IPV4 = 0x20
+GSO_UDP_TUNNEL_IPV6 = 0x40
+GSO_UDP_TUNNEL = GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6
+VNET_HDR_TUNNEL_LEN = 24
 
 _VNET = struct.Struct("<BBHHHH")
+_VNET_TUNNEL = struct.Struct("<BBHHHHHIHHHH")
 _TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
 
 
@@ -83,6 +96,32 @@ class VnetHeader(NamedTuple):
     def gso(self) -> int:
         """The GSO type without the ECN bit."""
         return self.gso_type & ~GSO_ECN
+
+
+class TunnelVnetHeader(NamedTuple):
+    """struct virtio_net_hdr_v1_hash_tunnel (24 bytes, little-endian): see the module."""
+
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
+    hash_value: int = 0
+    hash_report: int = 0
+    padding: int = 0
+    outer_th_offset: int = 0
+    inner_nh_offset: int = 0
+
+    @classmethod
+    def parse(cls, vnet) -> TunnelVnetHeader | None:
+        if vnet is None or len(vnet) < VNET_HDR_TUNNEL_LEN:
+            return None
+        return cls._make(_VNET_TUNNEL.unpack_from(vnet))
+
+    def pack(self) -> bytes:
+        return _VNET_TUNNEL.pack(*self)
 
 
 def _sum16(data) -> int:
@@ -233,6 +272,7 @@ def finish(frame, vnet) -> list | DropReason:
     return [frame]
 
 
-__all__ = ["GSO_ECN", "GSO_NONE", "GSO_TCPV4", "GSO_TCPV6", "GSO_UDP", "GSO_UDP_L4", "VNET_HDR_LEN",
+__all__ = ["GSO_ECN", "GSO_NONE", "GSO_TCPV4", "GSO_TCPV6", "GSO_UDP", "GSO_UDP_L4", "GSO_UDP_TUNNEL",
+           "GSO_UDP_TUNNEL_IPV4", "GSO_UDP_TUNNEL_IPV6", "TunnelVnetHeader", "VNET_HDR_LEN", "VNET_HDR_TUNNEL_LEN",
            "VIRTIO_NET_HDR_F_DATA_VALID", "VIRTIO_NET_HDR_F_NEEDS_CSUM", "VnetHeader", "complete_checksum",
            "finish", "lco_sum", "segment_tcp4"]

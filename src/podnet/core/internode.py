@@ -25,6 +25,16 @@ Egress, after the datapath's routing, conntrack and NAT (`next_hop` before them,
              released by the reply or counted as `neigh_failed` when the entry FAILS
           → transmit on the uplink
 
+GSO over the UDP tunnel (an uplink TAP with TUN_F_UDP_TUNNEL_GSO and a 24-byte vnet header,
+linux/tap.py; `set_tunnel_gso`): to a peer whose lease says it takes them (`Lease.tunnel_gso`), a
+TCPv4 super-frame is not cut but sent as ONE outer frame - outer lengths the whole frame's, UDP
+checksum 0, the IP ID counter moved on by the segment count - with a 24-byte header (gso.
+TunnelVnetHeader: gso_type TCPV4|UDP_TUNNEL_IPV4, hdr_len 50 + the inner headers, csum at the
+inner TCP checksum, outer_th_offset 34, inner_nh_offset 64); the kernel cuts it only where a
+device cannot take it. Received, such a frame's inner frame goes on with a 10-byte header (the
+same gso_size, offsets 50 bytes earlier). A frame that would exceed 64 KB outer, or a peer
+without the flag (kernel nodes, flanneld), gets the software path, byte for byte as before.
+
 Ingress on the uplink: ARP requests for the node's addresses are answered with the uplink MAC
 (and teach us the asker, as arp_process does); ARP replies to us resolve waiting frames; a UDP
 datagram to the node's address at the VXLAN port is decapsulated (its virtio-net header's
@@ -80,7 +90,7 @@ from .datapath import (
 from .neighbor import NeighborTable, Nud
 from .overlay.flannel import FlannelNode, Lease
 from .overlay.mtu import MtuVerdict, check_mtu
-from .overlay.vxlan import Peer, Vtep, flow_hash, source_port
+from .overlay.vxlan import OUTER_HLEN, Peer, Vtep, flow_hash, source_port
 from .packet import DropReason
 from .services.packetinfo import CtState
 from ..errors import ConfigError
@@ -136,15 +146,18 @@ class Tunnel:
         self.flannel = flannel
         self.by_gateway: dict[int, _Remote] = {}     # flannel.1's permanent neighbours
         self.by_vtep_mac: dict[bytes, _Remote] = {}  # flannel.1's FDB
-        self._peers: dict[tuple[int, bytes, bytes], Peer] = {}
+        self._peers: dict[tuple[int, bytes, bytes, bool], Peer] = {}
+        self.udp_tunnel_gso = False   # our uplink takes and sends whole VXLAN super-frames
 
     def peer(self, remote: _Remote, next_hop_mac: bytes) -> Peer:
-        key = (remote.public_ip, remote.vtep_mac, next_hop_mac)
+        whole = self.udp_tunnel_gso and remote.lease.tunnel_gso
+        key = (remote.public_ip, remote.vtep_mac, next_hop_mac, whole)
         peer = self._peers.get(key)
         if peer is None:
             if len(self._peers) > 4 * len(self.by_gateway) + 16:
                 self._peers.clear()   # next hops changed MAC often: forget the old ones
-            peer = self._peers[key] = self.vtep.peer(remote.public_ip, remote.vtep_mac, next_hop_mac)
+            peer = self._peers[key] = self.vtep.peer(remote.public_ip, remote.vtep_mac, next_hop_mac,
+                                                     tunnel_gso=whole)
         return peer
 
 
@@ -203,6 +216,15 @@ class Internode:
         for lease in flannel.leases():   # leases the FlannelNode already knew
             self._program(lease)
         return port_id
+
+    def set_tunnel_gso(self, enabled: bool) -> None:
+        """Whether the uplink takes whole VXLAN super-frames (its TAP negotiated UDP tunnel GSO):
+        then peers whose lease says so are sent one outer frame per TCP super-frame."""
+        tunnel = self._tunnel_or_error("udp tunnel gso")
+        if tunnel.udp_tunnel_gso != bool(enabled):
+            tunnel.udp_tunnel_gso = bool(enabled)
+            tunnel._peers.clear()
+            self.dp._flush_flows()   # cached flows hold Peers made with the old setting
 
     def port_removed(self, port_id: int) -> Internode | None:
         """The datapath removed a port; what remains of the inter-node stage."""
@@ -345,27 +367,35 @@ class Internode:
         """The outer frames for inner `frames` to `hop.lease`, sent or queued for the next hop's MAC;
         the Peer used when they were sent."""
         dp, tunnel = self.dp, self.tunnel
-        inner = []
-        for frame in frames:
-            finished = gso.finish(frame, vnet)
-            if type(finished) is DropReason:
-                return [dp._drop(ctx, finished, port.id, "tunnel", "virtio-net header")], None
-            inner += finished
-        if len(inner) > len(frames):
-            ctx.step("gso", f"{len(inner)} segments", f"gso_size {gso.VnetHeader.parse(vnet).gso_size}")
         known = self.neighbors.get(hop.ip)
         guess = known.mac if known is not None and known.mac is not None else _NO_MAC
         peer = tunnel.peer(hop.lease, guess)
-        outers = []
-        for f in inner:
-            outer = tunnel.vtep.encapsulate(f, peer, count=ctx.commit)
-            if type(outer) is DropReason:
-                return [dp._drop(ctx, outer, port.id, "tunnel")], None
-            outers.append(outer)
+        whole = None
+        if peer.tunnel_gso and len(frames) == 1 and vnet and vnet[1] & ~gso.GSO_ECN == gso.GSO_TCPV4:
+            whole = _encapsulate_whole(tunnel.vtep, frames[0], vnet, peer, count=ctx.commit)
+        if whole is not None:
+            outers, outer_vnet = [whole[0]], whole[1]
+            ctx.step("gso", f"whole: {whole[2]} segments", f"gso_size {vnet[4] | vnet[5] << 8}, one outer "
+                     "frame (UDP tunnel GSO)")
+        else:
+            inner = []
+            for frame in frames:
+                finished = gso.finish(frame, vnet)
+                if type(finished) is DropReason:
+                    return [dp._drop(ctx, finished, port.id, "tunnel", "virtio-net header")], None
+                inner += finished
+            if len(inner) > len(frames):
+                ctx.step("gso", f"{len(inner)} segments", f"gso_size {gso.VnetHeader.parse(vnet).gso_size}")
+            outers, outer_vnet = [], None
+            for f in inner:
+                outer = tunnel.vtep.encapsulate(f, peer, count=ctx.commit)
+                if type(outer) is DropReason:
+                    return [dp._drop(ctx, outer, port.id, "tunnel")], None
+                outers.append(outer)
         ctx.step("vxlan", f"encap vni {tunnel.vtep.vni}",
                  f"{pk.ip_str(tunnel.vtep.local_ip)}:{outers[0][34] << 8 | outers[0][35]} > "
                  f"{hop.lease.lease.public_ip}:{tunnel.vtep.port}")
-        mac, actions = self._resolve(hop.ip, outers, None, ctx, copy=False)
+        mac, actions = self._resolve(hop.ip, outers, outer_vnet, ctx, copy=False)
         if mac is None:
             return actions, None
         if mac != guess:   # the lookup moved the entry on (a MAC learned since): the outer destination
@@ -373,7 +403,7 @@ class Internode:
             outers = [peer.next_hop_mac + bytes(o[6:]) for o in outers]
         ctx.step("forward", f"to {dp.port(self.underlay).name}",
                  f"{len(outers)} outer frame(s), {pk.mac_str(self.mac)} > {pk.mac_str(mac)}")
-        return [dp._emit(ctx, self.underlay, o) for o in outers], peer
+        return [dp._emit(ctx, self.underlay, o, outer_vnet) for o in outers], peer
 
     def _resolve(self, ip: int, frames: list, vnet, ctx: _Ctx, copy: bool) -> tuple[bytes | None, list]:
         """The next hop's MAC, or None and the ARP requests to send, with `frames` queued for it."""
@@ -567,13 +597,19 @@ class Internode:
         flow[_PKTS] += 1
         flow[_BYTES] += n
         flow[_SEEN] = now
+        peer = flow[_PEER]
+        vtep = tunnel.vtep
+        if gso_size and peer.tunnel_gso:
+            whole = _encapsulate_whole(vtep, frame, vnet, peer)
+            if whole is not None:
+                self._fast_tx += 1
+                self._fast_tx_bytes += len(whole[0])
+                return [_new_tuple(Transmit, (self.underlay, whole[0], whole[1]))]
         # only an offloaded frame (NEEDS_CSUM, GSO) needs finishing; most have an all-zero header
         inner = gso.finish(frame, vnet) if vnet and (vnet[0] & 1 or vnet[1]) else (frame,)
         if type(inner) is DropReason:
             c.drops[inner.value] += 1
             return [Drop(inner, in_port, "fast path")]
-        peer = flow[_PEER]
-        vtep = tunnel.vtep
         encapsulate = vtep.encapsulate
         out = []
         if gso_size:
@@ -656,13 +692,49 @@ class Internode:
         return stats, self.tunnel.vtep.statistics() if self.tunnel is not None else None
 
 
+_TUNNEL_OUTER = OUTER_HLEN                     # 50: outer Ethernet, IPv4, UDP, VXLAN
+_OUTER_TH = pk.ETH_HLEN + 20                   # 34: the outer UDP header
+_INNER_NH = OUTER_HLEN + pk.ETH_HLEN           # 64: the inner IPv4 header
+
+
+def _encapsulate_whole(vtep: Vtep, frame, vnet, peer: Peer, *, count: bool = True):
+    """(outer frame, its 24-byte vnet header, segments) for a TCPv4 super-frame sent whole over the
+    tunnel (GSO over UDP tunnels), or None when it must be cut in software: not NEEDS_CSUM, not a
+    plain IPv4/TCP frame of its own length, a single segment, or an outer frame over 64 KB."""
+    n = len(frame)
+    if not vnet[0] & gso.VIRTIO_NET_HDR_F_NEEDS_CSUM or n + _TUNNEL_OUTER > 0xFFFF or n < 54:
+        return None
+    if frame[12] != 0x08 or frame[13] != 0x00 or frame[14] >> 4 != 4 or frame[23] != pk.IPPROTO_TCP:
+        return None
+    l4 = pk.ETH_HLEN + (frame[14] & 0x0F) * 4
+    if pk.ETH_HLEN + (frame[16] << 8 | frame[17]) != n or l4 + 20 > n:
+        return None
+    headers = l4 + (frame[l4 + 12] >> 4) * 4
+    gso_size = vnet[4] | vnet[5] << 8
+    payload = n - headers
+    if gso_size <= 0 or payload <= gso_size or headers < l4 + 20:
+        return None
+    segments = -(-payload // gso_size)
+    outer = vtep.encapsulate_gso(frame, peer, segments, headers, count=count)
+    header = gso.TunnelVnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, vnet[1] | gso.GSO_UDP_TUNNEL_IPV4,
+                                  _TUNNEL_OUTER + headers, gso_size, _TUNNEL_OUTER + l4, 16,
+                                  outer_th_offset=_OUTER_TH, inner_nh_offset=_INNER_NH).pack()
+    return outer, header, segments
+
+
 def _inner_vnet(vnet) -> bytes | None:
     """The virtio-net header of a decapsulated frame: a partial checksum that lies in the inner
     frame (the kernel's vxlan with local checksum offload leaves the inner TCP/UDP sum partial)
-    stays partial, 50 bytes earlier; otherwise the inner frame is complete and needs none."""
+    stays partial, 50 bytes earlier; otherwise the inner frame is complete and needs none. A whole
+    super-frame (gso_type with a UDP tunnel bit) keeps its inner GSO: the inner type, the same
+    gso_size, hdr_len and csum_start 50 bytes earlier, in a 10-byte header."""
     header = gso.VnetHeader.parse(vnet)
     if header is None or not header.needs_csum or header.csum_start < 50 + pk.ETH_HLEN + 20:
         return None
+    if header.gso_type & gso.GSO_UDP_TUNNEL:
+        return gso.VnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, header.gso_type & ~gso.GSO_UDP_TUNNEL,
+                              max(header.hdr_len - 50, 0), header.gso_size, header.csum_start - 50,
+                              header.csum_offset).pack()
     return gso.VnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.GSO_NONE, 0, 0, header.csum_start - 50,
                           header.csum_offset).pack()
 

@@ -88,11 +88,13 @@ def attach_underlay(netns: str) -> Underlay:
 
 
 def open_uplink(underlay: Underlay, key: str, *, prefix: str = names.DEFAULT_PREFIX, vnet_hdr: bool = True,
-                offloads: bool = True, mtu: int = 1500) -> Tap:
+                offloads: bool = True, mtu: int = 1500, udp_tunnel_gso: bool = False) -> Tap:
     """A TAP inside the underlay, enslaved to its bridge and up: a node's uplink. `key` names it
-    (a stable `<prefix>t<hash>` name, e.g. for "uplink:node-2")."""
+    (a stable `<prefix>t<hash>` name, e.g. for "uplink:node-2"). `udp_tunnel_gso`: ask for GSO over
+    UDP tunnels (linux/tap.py; kept only if the kernel has it)."""
     name = names.tap_name(key, prefix)
-    tap = run_in_netns(underlay.netns, open_tap, name, vnet_hdr=vnet_hdr, offloads=offloads, mtu=mtu)
+    tap = run_in_netns(underlay.netns, open_tap, name, vnet_hdr=vnet_hdr, offloads=offloads, mtu=mtu,
+                       udp_tunnel_gso=udp_tunnel_gso)
     try:
         with open_iproute(underlay.netns) as ipr:
             index = ipr.link_lookup(ifname=name)[0]

@@ -1,13 +1,16 @@
 """Port I/O for the serve loop: a file-descriptor port (a TAP) and an in-memory port for tests.
 
 Layer: runtime. A port moves whole frames between a device and the datapath. TAP ports carry a
-10-byte virtio-net header beside each frame when opened with IFF_VNET_HDR; it is read into its own
+virtio-net header beside each frame when opened with IFF_VNET_HDR (10 bytes; 24 on an uplink with
+UDP tunnel GSO, linux/tap.py); it is read into its own
 buffer with readv so the frame buffer can be rewritten in place and written back with writev, no
 copy in between (reference/performance.md §3-4).
 
 Invariants: a read never blocks (the fd is non-blocking and `receive_batch` stops at EAGAIN); the
 frame handed out is only valid until the next read of the same port, so the loop transmits every
-action of a frame before reading the next one.
+action of a frame before reading the next one. A header of another length than the port's (a
+frame from a 24-byte uplink to a 10-byte pod TAP, or back) is cut or zero-padded to the port's:
+the first 10 bytes mean the same in both, the tunnel fields are zero unless the gso_type says so.
 """
 
 from __future__ import annotations
@@ -39,23 +42,25 @@ class FdPort:
     can see: reads that came back short and writes the kernel refused.
     """
 
-    def __init__(self, fd: int, *, vnet_hdr: bool, name: str = "") -> None:
+    def __init__(self, fd: int, *, vnet_hdr: bool, name: str = "", vnet_hdr_len: int = VNET_HDR_LEN) -> None:
         self.fd = fd
         self.vnet_hdr = vnet_hdr
+        self.vnet_hdr_len = vnet_hdr_len if vnet_hdr else 0
         self.name = name
         self.counters = PortCounters()
-        self.receive, self.send = _fd_io(fd, vnet_hdr, self.counters)
+        self.receive, self.send = _fd_io(fd, vnet_hdr, self.counters, vnet_hdr_len)
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fd)
 
 
-def _fd_io(fd: int, vnet_hdr: bool, counters: PortCounters):
-    vnet = bytearray(VNET_HDR_LEN)
+def _fd_io(fd: int, vnet_hdr: bool, counters: PortCounters, vnet_hdr_len: int = VNET_HDR_LEN):
+    vnet = bytearray(vnet_hdr_len)
     buf = bytearray(MAX_FRAME)
     view = memoryview(buf)
     iov = (vnet, buf) if vnet_hdr else (buf,)
-    hdr = VNET_HDR_LEN if vnet_hdr else 0
+    hdr = vnet_hdr_len if vnet_hdr else 0
+    zero = bytes(hdr)
     vnet_out = vnet if vnet_hdr else None
     readv, writev, write = os.readv, os.writev, os.write
 
@@ -77,7 +82,11 @@ def _fd_io(fd: int, vnet_hdr: bool, counters: PortCounters):
     def send(frame, vnet) -> None:
         try:
             if hdr:
-                writev(fd, (vnet or ZERO_VNET, frame))
+                if not vnet:
+                    vnet = zero
+                elif len(vnet) != hdr:   # another port's header size: cut or zero-pad
+                    vnet = bytes(vnet[:hdr]).ljust(hdr, b"\x00")
+                writev(fd, (vnet, frame))
             else:
                 write(fd, frame)
         except OSError:

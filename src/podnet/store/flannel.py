@@ -183,8 +183,17 @@ class LeaseAttrs:
     backend_data: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
-    def vxlan(cls, public_ip: str, vtep_mac: str, vni: int = 1) -> LeaseAttrs:
-        return cls(public_ip, "vxlan", MappingProxyType({"VNI": vni, "VtepMAC": vtep_mac}))
+    def vxlan(cls, public_ip: str, vtep_mac: str, vni: int = 1, *, tunnel_gso: bool = False) -> LeaseAttrs:
+        """`tunnel_gso`: add podnet's `"PodnetTunnelGSO":true` (core/overlay/flannel.py), only when true."""
+        data: dict[str, Any] = {"VNI": vni, "VtepMAC": vtep_mac}
+        if tunnel_gso:
+            data["PodnetTunnelGSO"] = True
+        return cls(public_ip, "vxlan", MappingProxyType(data))
+
+    @property
+    def tunnel_gso(self) -> bool:
+        """The node takes whole VXLAN super-frames (podnet's BackendData key; false when absent)."""
+        return self.backend_data.get("PodnetTunnelGSO") is True
 
     @property
     def vtep_mac(self) -> str | None:

@@ -9,6 +9,11 @@ value says how to reach it (flannel-io/flannel pkg/subnet LeaseAttrs, pkg/backen
     {"PublicIP":"192.0.2.2","PublicIPv6":null,"BackendType":"vxlan",
      "BackendData":{"VNI":1,"VtepMAC":"0a:58:c0:00:02:02"}}
 
+podnet adds one key of its own to BackendData, only when true: `"PodnetTunnelGSO":true`, the
+node's uplink takes whole VXLAN super-frames (GSO over UDP tunnels on its TAP, linux/tap.py), so
+its peers may send it one outer frame per TCP super-frame instead of MTU-sized segments. flanneld
+and kernel nodes never write it (they are sent segments, as before) and ignore it when reading.
+
 Its VXLAN device `flannel.<VNI>` (MTU = uplink - 50, `nolearning`, address = the lease's network
 address as a /32) reaches every other node through three entries per remote lease, which flanneld
 adds in this order when the lease appears and removes when it goes (vxlan_network.go,
@@ -45,6 +50,7 @@ from .mtu import tunnel_mtu
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"
 ANNOTATION_PREFIX = "flannel.alpha.coreos.com/"
 BACKEND_TYPE = "vxlan"
+TUNNEL_GSO_KEY = "PodnetTunnelGSO"   # podnet's own BackendData key (see the module)
 
 
 def device_name(vni: int = 1) -> str:
@@ -64,6 +70,7 @@ class Lease:
     vtep_mac: str
     vni: int = 1
     backend_type: str = BACKEND_TYPE
+    tunnel_gso: bool = False   # the node takes whole VXLAN super-frames (TUNNEL_GSO_KEY)
 
     def __post_init__(self) -> None:
         try:
@@ -104,7 +111,10 @@ class Lease:
         return f"{prefix}/subnets/{self.subnet_key}"
 
     def backend_data(self) -> dict:
-        return {"VNI": self.vni, "VtepMAC": self.vtep_mac}
+        data = {"VNI": self.vni, "VtepMAC": self.vtep_mac}
+        if self.tunnel_gso:
+            data[TUNNEL_GSO_KEY] = True
+        return data
 
     def attrs(self) -> dict:
         """LeaseAttrs as flanneld marshals it (field order and the explicit null included)."""
@@ -164,7 +174,7 @@ class Lease:
             if not isinstance(value, str):
                 raise ConfigError(f"{what}: {field} missing or not a string")
         return cls(subnet, attrs["PublicIP"], data["VtepMAC"], data.get("VNI", 1),
-                   attrs.get("BackendType", BACKEND_TYPE))
+                   attrs.get("BackendType", BACKEND_TYPE), data.get(TUNNEL_GSO_KEY) is True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,12 +142,17 @@ class Peer:
 
     Made by `Vtep.peer()`, which precomputes what every frame to this peer shares: the outer
     Ethernet header, the addresses, the VXLAN header, the inner MACs and their checksum sums.
+
+    `tunnel_gso`: both ends take whole VXLAN super-frames (GSO over UDP tunnels on their uplink
+    TAPs), so a TCP super-frame may go as one outer frame (`Vtep.encapsulate_gso`).
     """
 
-    __slots__ = ("ip", "vtep_mac", "next_hop_mac", "_eth", "_addrs", "_inner_macs", "_ip_sum", "_udp_sum")
+    __slots__ = ("ip", "vtep_mac", "next_hop_mac", "_eth", "_addrs", "_inner_macs", "_ip_sum", "_udp_sum",
+                 "tunnel_gso")
 
     def __init__(self, ip: int, vtep_mac: bytes, next_hop_mac: bytes, eth: bytes, addrs: bytes,
-                 inner_macs: bytes, ip_sum: int, udp_sum: int) -> None:
+                 inner_macs: bytes, ip_sum: int, udp_sum: int, tunnel_gso: bool = False) -> None:
+        self.tunnel_gso = tunnel_gso
         self.ip = ip
         self.vtep_mac = vtep_mac
         self.next_hop_mac = next_hop_mac
@@ -229,7 +234,8 @@ class Vtep:
 
     # ---- peers ------------------------------------------------------------------------------
 
-    def peer(self, ip: str | int, vtep_mac: str | bytes, next_hop_mac: str | bytes) -> Peer:
+    def peer(self, ip: str | int, vtep_mac: str | bytes, next_hop_mac: str | bytes, *,
+             tunnel_gso: bool = False) -> Peer:
         """A remote VTEP, with what every frame to it shares computed once."""
         try:
             ip = pk.ip_int(ip)
@@ -245,7 +251,7 @@ class Vtep:
         # what the UDP checksum covers and never changes: the pseudo-header's addresses and
         # protocol, the destination port, the VXLAN header and the inner MACs
         udp_sum = _sum16(addrs) + pk.IPPROTO_UDP + self.port + _sum16(self._vxlan) + _sum16(inner_macs)
-        return Peer(ip, vtep_mac, next_hop_mac, eth, addrs, inner_macs, ip_sum, udp_sum)
+        return Peer(ip, vtep_mac, next_hop_mac, eth, addrs, inner_macs, ip_sum, udp_sum, tunnel_gso)
 
     # ---- transmit ---------------------------------------------------------------------------
 
@@ -297,6 +303,35 @@ class Vtep:
             self._tx += 1
             self._tx_bytes += n
         return b"".join((header, payload))
+
+    def encapsulate_gso(self, inner, peer: Peer, segments: int, header_len: int, *, count: bool = True,
+                        sport: int | None = None) -> bytes:
+        """One outer frame for a whole TCP super-frame `inner` of `segments` segments, each with
+        `header_len` bytes of inner headers: GSO over the UDP tunnel, the receiving TAP or the kernel
+        on the way cuts it. The headers are those `encapsulate` gives the segments except that the
+        lengths are the whole frame's and the UDP checksum is 0 (the kernel segments a
+        SKB_GSO_UDP_TUNNEL frame without one); the IP identification is the first segment's and the
+        counter moves on by `segments`, as the kernel's segmentation numbers the outer headers id,
+        id+1, ... No MTU check: the caller checked gso_size. The device counters count the
+        segments, as if `encapsulate` had sent them."""
+        n = len(inner)
+        tos = 0
+        if inner[12] == 0x08 and inner[13] == 0x00 and n >= 34:
+            ecn = inner[15] & _ECN_CE
+            tos = 2 if ecn == _ECN_CE else ecn
+        if sport is None:
+            sport = source_port(flow_hash(inner, self.hash_seed), self.src_port_range)
+        udp_len = n + 16
+        tot_len = udp_len + 20
+        ip_id = (self._ip_id + 1) & 0xFFFF
+        if count:
+            self._ip_id = (self._ip_id + segments) & 0xFFFF
+            self._tx += segments
+            self._tx_bytes += n + (segments - 1) * header_len
+        ip_csum = -(peer._ip_sum + (0x4500 | tos) + tot_len + ip_id) % 0xFFFF
+        header = _OUTER.pack(peer._eth, 0x45, tos, tot_len, ip_id, self._frag_ttl_proto, ip_csum,
+                             peer._addrs, sport, self.port, udp_len, 0, self._vxlan, peer._inner_macs)
+        return b"".join((header, memoryview(inner)[12:]))
 
     # ---- receive ----------------------------------------------------------------------------
 
