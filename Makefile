@@ -53,7 +53,7 @@ test: setup
 # PODNET_BENCH_REPORT=1: bench/conftest.py writes bench/results/<UTC timestamp>/ (report.md, results.json,
 # plots) and points bench/results/latest at it; `make test` leaves it unset and writes nothing.
 # `make bench` is the quick profile (100, 1,000 and 10,000 Services); `make bench FULL=1` the full one
-# (adds 50,000 Services and the kernel's slow nf_tables loads: expect well over half an hour)
+# (adds 50,000 Services and the kernel's slow nf_tables loads up to 10,000: about 20 minutes on 2 cores)
 FULL ?=
 bench: setup
 	@before=$$(readlink bench/results/latest 2>/dev/null || true); rc=0; \
