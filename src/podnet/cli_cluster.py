@@ -26,12 +26,19 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                              "backend, the default) or direct (host-gw: routes via the nodes' addresses)")
     parser.add_argument("--store", help="the cluster state store: etcd://HOST:PORT runs one process per Node "
                                         "(default: embedded, every node in this process)")
+    _tunnel_gso_option(parser)
+
+
+def _tunnel_gso_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-tunnel-gso", dest="udp_tunnel_gso", action="store_false",
+                        help="vxlan: never send whole super-frames over the tunnel (GSO over UDP tunnels, "
+                             "Linux 6.17+); cut them into segments in software, as towards a kernel vxlan node")
 
 
 def cluster_config(args, **fields):
     from podnet.cluster.topology import ClusterConfig
     given = {"network": args.network or "vxlan", "store": args.store, "prefix": args.prefix,
-             "offloads": args.offloads}
+             "offloads": args.offloads, "udp_tunnel_gso": args.udp_tunnel_gso}
     for name in ("backend", "cluster_cidr", "service_cidr"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
@@ -114,7 +121,7 @@ def cmd_node_join(args) -> int:
                            underlay_cidr=args.underlay_cidr, cluster_cidr=args.cluster_cidr,
                            service_cidr=args.service_cidr, vxlan_port=args.vxlan_port,
                            node_lease_ttl_s=args.node_lease_ttl, min_sync_period_s=args.min_sync_period,
-                           grace_period_s=args.grace_period)
+                           grace_period_s=args.grace_period, udp_tunnel_gso=args.udp_tunnel_gso)
     try:
         ipaddress.IPv4Address(args.node_ip)
     except ValueError:
@@ -138,6 +145,7 @@ def register(sub) -> None:
     join.add_argument("--node-ip", required=True, help="this node's address on the underlay")
     join.add_argument("--pod-cidr", help="the subnet to ask for (default: the store leases one)")
     join.add_argument("--network", choices=NETWORKS, default="vxlan")
+    _tunnel_gso_option(join)
     join.add_argument("--backend", choices=sorted(BACKENDS), default=ClusterConfig.backend)
     join.add_argument("--prefix", default=DEFAULT_PREFIX)
     join.add_argument("--underlay", help="the underlay netns (default <prefix>underlay, made by `podnet up`)")

@@ -60,6 +60,8 @@ def join_argv(spec: NodeSpec, config: ClusterConfig, underlay: Underlay) -> list
         argv += ["--pod-cidr", spec.pod_cidr]
     if not config.offloads:
         argv.append("--no-offloads")
+    if not config.udp_tunnel_gso:
+        argv.append("--no-tunnel-gso")
     if config.grace_period_s is not None:
         argv += ["--grace-period", str(config.grace_period_s)]
     return argv
