@@ -94,27 +94,12 @@ def _lab_running(state_dir: str) -> dict | None:
 
 
 async def _serve_lab(args, on_ready) -> None:
-    import trio
-
-    from podnet.control import ControlServer
+    from podnet.control import serve_until_stopped
     from podnet.lab import open_lab
 
     config = _lab_config(args)
     async with open_lab(args.file, config, wait_ready_s=args.timeout) as lab:
-        stop = trio.Event()
-        server = ControlServer(lab, socket_path(config.state_dir), stop)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            server.ready = True
-            on_ready(lab)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-                async def wait_signal():
-                    async for _ in signals:
-                        stop.set()
-                        return
-                nursery.start_soon(wait_signal)
-                await stop.wait()
-            nursery.cancel_scope.cancel()
+        await serve_until_stopped(lab, socket_path(config.state_dir), on_ready)
 
 
 def cmd_up(args) -> int:

@@ -53,9 +53,7 @@ def check_single_node(args) -> None:
 
 async def serve_cluster(args, state_dir: str, on_ready) -> None:
     """`podnet up` for a cluster: bring it up, serve the control socket, stop on a signal."""
-    import trio
-
-    from podnet.control import ControlServer, socket_path
+    from podnet.control import serve_until_stopped, socket_path
     if args.mode not in (None, "routed"):
         raise ConfigError("--mode: a cluster's nodes are routed (Calico-style /32 pods)")
     if args.node_cidr or args.node_ip:
@@ -67,20 +65,7 @@ async def serve_cluster(args, state_dir: str, on_ready) -> None:
     else:
         from podnet.cluster_lab import open_cluster as opener
     async with opener(args.file, config, wait_ready_s=args.timeout) as cluster:
-        stop = trio.Event()
-        server = ControlServer(cluster, socket_path(state_dir), stop)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            server.ready = True
-            on_ready(cluster)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-                async def wait_signal():
-                    async for _ in signals:
-                        stop.set()
-                        return
-                nursery.start_soon(wait_signal)
-                await stop.wait()
-            nursery.cancel_scope.cancel()
+        await serve_until_stopped(cluster, socket_path(state_dir), on_ready)
 
 
 # ---- podnet node join ---------------------------------------------------------------------------

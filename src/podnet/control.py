@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import socket
 import time
 from pathlib import Path
@@ -230,3 +231,22 @@ def request(state_dir: str | os.PathLike, op: str, timeout_s: float = 10.0, **fi
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "the lab refused the request"))
     return reply
+
+
+async def serve_until_stopped(target, path: Path, on_ready) -> None:
+    """Serve `target`'s (a lab's or a cluster's) control socket at `path` until SIGINT, SIGTERM or
+    SIGHUP, or a `down` request; `on_ready(target)` runs once the socket answers."""
+    stop = trio.Event()
+    server = ControlServer(target, path, stop)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        server.ready = True
+        on_ready(target)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async def wait_signal():
+                async for _ in signals:
+                    stop.set()
+                    return
+            nursery.start_soon(wait_signal)
+            await stop.wait()
+        nursery.cancel_scope.cancel()
