@@ -35,8 +35,10 @@ def test_a_full_bpf_map_refuses_a_new_service_and_the_others_keep_working(tmp_pa
     config = LabConfig(prefix="pn-lm", state_dir=str(tmp_path), backend="ebpf", min_sync_period_s=0.2,
                        backend_options={"lb_map_max": 3})
     with run_lab(manifests(), config) as lab:
+        lab.wait_synced()    # the pods are ready; wait for the sync that programs their endpoints
         summary = trio_call(lab, lab.lab.sync_summary)
-        assert len(summary["failed"]) == 1
+        syncs = trio_call(lab, lambda: [(r.objects_written, r.detail.get("failed")) for r in lab.lab.syncs])
+        assert len(summary["failed"]) == 1, (syncs, trio_call(lab, lab.lab.backend.errors))
         failure = summary["failed"][0]
         assert "lb4_services_v2" in failure and "map is full" in failure and "E2BIG" in failure
         assert summary["backend_stats"]["map_full_errors"] >= 1
