@@ -23,19 +23,23 @@ from .cluster_pods import ASK, cluster
 
 pytestmark = pytest.mark.root
 
-# one TCP connection to host:port with a short timeout: prints ok or the error
+# one TCP connection to host:port with a short timeout: prints ok and the first line, or the error.
+# The line is read as bytes: blob's server sends its 20 MB of random bytes right after it, and a
+# text-mode reader would decode whatever else the first read brought along.
 PROBE = """
 import socket, sys
 try:
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
-        print("ok", s.makefile().readline().strip())
+        print("ok", s.makefile("rb").readline().decode(errors="replace").strip())
 except OSError as exc:
     print("failed", type(exc).__name__)
 """
 
 
 def _probe(c, target: str, port: int = 8080, timeout_s: float = 5.0) -> str:
-    return c.exec("client", [sys.executable, "-c", PROBE, target, str(port), str(timeout_s)]).stdout.decode().strip()
+    done = c.exec("client", [sys.executable, "-c", PROBE, target, str(port), str(timeout_s)])
+    # a probe that died without a verdict says why (its stderr) in the assertion that fails
+    return done.stdout.decode().strip() or f"no answer: {done.stderr.decode(errors='replace')[-500:]}"
 
 
 def _wait(predicate, what: str, timeout_s: float = 30.0):
