@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 import podnet.linux
+from plumbing import Plumbing
 
 SRC_DIR = str(pathlib.Path(podnet.linux.__file__).resolve().parents[2])
 
@@ -80,6 +81,14 @@ def lab(tmp_path: pathlib.Path):
     journals = sorted(p.name for p in state_dir.glob("*")) if state_dir.exists() else []
     assert left == [], f"left behind: {left}"
     assert journals == [], f"journals left behind: {journals}"
+
+
+@pytest.fixture
+def plumbing(lab):
+    """Namespaces, bridges, veths and TAPs for one test (plumbing.py); all removed afterwards, on
+    failure too, before `lab` checks that nothing with its prefix is left."""
+    with Plumbing(lab) as made:
+        yield made
 
 
 def _ip(*argv: str) -> str:

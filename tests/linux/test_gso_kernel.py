@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import socket
 import struct
-import time
 
 import pytest
 
 from podnet.core import gso
-from podnet.linux.netns import create_netns, open_iproute, run_in_netns, set_sysctl
-from podnet.linux.resources import Resources
-from podnet.linux.tap import open_tap
+
+from plumbing import read_frames
 
 pytestmark = pytest.mark.root
 
@@ -53,53 +50,16 @@ def super_frame(payload: bytes, *, flags: int, seq: int, ip_id: int) -> bytes:
 
 
 @pytest.fixture
-def bridged_taps(lab):
-    ns, br = lab.name("gso"), lab.name("br")
-    tso_name, plain_name = lab.name("tso"), lab.name("pl")
-    taps = []
-    with Resources(prefix=lab.prefix, state_dir=lab.state_dir) as res:
-        try:
-            res.record_netns(ns)
-            create_netns(ns)
-            for scope in ("all", "default"):
-                set_sysctl(ns, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
-            for name in (br, tso_name, plain_name):
-                res.record_link(name, netns=ns)
-            tso = run_in_netns(ns, open_tap, tso_name, mtu=1500)
-            taps.append(tso)
-            plain = run_in_netns(ns, open_tap, plain_name, offloads=False, mtu=1500)
-            taps.append(plain)
-            assert plain.offloads == 0 and plain.vnet_hdr
-            with open_iproute(ns) as ipr:
-                ipr.link("add", ifname=br, kind="bridge")
-                br_index = ipr.link_lookup(ifname=br)[0]
-                for name in (tso_name, plain_name):
-                    index = ipr.link_lookup(ifname=name)[0]
-                    ipr.link("set", index=index, master=br_index)
-                    ipr.link("set", index=index, state="up")
-                ipr.link("set", index=br_index, state="up")
-            yield tso, plain
-        finally:
-            for tap in taps:
-                tap.close()
+def bridged_taps(plumbing):
+    bridge = plumbing.add_bridge("gso")
+    tso = plumbing.open_bridge_tap(bridge, "tso", mtu=1500)
+    plain = plumbing.open_bridge_tap(bridge, "plain", offloads=False, mtu=1500)
+    assert plain.offloads == 0 and plain.vnet_hdr
+    return tso, plain
 
 
-def _read_segments(fd: int, count: int, timeout_s: float = 5.0) -> list[tuple[bytes, bytes]]:
-    got = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < count and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        while True:
-            try:
-                data = os.read(fd, 70000)
-            except BlockingIOError:
-                break
-            vnet, frame = data[:10], data[10:]
-            if frame[12:14] == b"\x08\x00" and frame[23] == 6:   # nothing else should come, but be sure
-                got.append((vnet, frame))
-    return got
+def _is_tcp(frame: bytes) -> bool:
+    return frame[12:14] == b"\x08\x00" and frame[23] == 6   # nothing else should come, but be sure
 
 
 @pytest.mark.parametrize("size, mss, flags", [
@@ -113,7 +73,7 @@ def test_segment_tcp4_cuts_a_super_frame_exactly_as_the_kernel_does(bridged_taps
     vnet = gso.VnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.GSO_TCPV4, 14 + 20 + 32, mss, 34, 16).pack()
     ours = [bytes(s) for s in gso.segment_tcp4(frame, mss)]
     os.writev(tso.fd, [vnet, frame])
-    kernel = _read_segments(plain.fd, len(ours))
+    kernel = read_frames(plain, len(ours), _is_tcp)
     assert all(v == bytes(10) for v, _ in kernel)            # complete frames: no offload left for us
     assert len(kernel) == len(ours) == -(-size // mss)
     for i, ((_, theirs), mine) in enumerate(zip(kernel, ours)):

@@ -22,7 +22,6 @@ pod's own address as its source. Nothing is sent outside these namespaces.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,11 +32,11 @@ import trio
 from podnet.core import packet as pk
 from podnet.core.datapath import Datapath, PortKind
 from podnet.core.overlay import FlannelNode, Lease, Vtep
-from podnet.linux.netns import create_netns, open_iproute, popen_in_netns, run_in_netns, set_sysctl
-from podnet.linux.resources import Resources
-from podnet.linux.tap import open_tap
+from podnet.linux.netns import popen_in_netns, set_sysctl
 from podnet.runtime.ports import FdPort
 from podnet.runtime.serve import Node
+
+from plumbing import RTPROT_BOOT, add_address, add_route, set_up
 
 pytestmark = pytest.mark.root
 
@@ -45,7 +44,6 @@ K_LEASE = Lease("10.244.1.0/24", "192.0.2.1", "0a:58:0a:f4:01:00")
 P_LEASE = Lease("10.244.2.0/24", "192.0.2.2", "0a:58:0a:f4:02:00")
 K_POD, P_POD = "10.244.1.2", "10.244.2.2"
 P_UPLINK_MAC = "02:00:c0:00:02:02"
-NUD_PERMANENT, NTF_SELF, RTNH_F_ONLINK, RTPROT_BOOT = 0x80, 0x02, 4, 3
 
 SERVER = """
 import hashlib, socket, sys
@@ -85,104 +83,43 @@ class Nodes:
     ports: dict
 
 
-def _index(ipr, name: str) -> int:
-    return ipr.link_lookup(ifname=name)[0]
-
-
-def _program_like_flanneld(ipr, node: FlannelNode, vx_index: int) -> None:
-    for neigh in node.neighbours():
-        ipr.neigh("set", dst=neigh.ip, lladdr=neigh.lladdr, ifindex=vx_index, state=NUD_PERMANENT)
-    for fdb in node.fdb():
-        ipr.neigh("set", family=socket.AF_BRIDGE, lladdr=fdb.lladdr, dst=fdb.dst, ifindex=vx_index,
-                  state=NUD_PERMANENT, flags=NTF_SELF)
-    for route in node.routes():
-        ipr.route("replace", dst=route.dst, gateway=route.via, oif=vx_index, flags=RTNH_F_ONLINK, proto=RTPROT_BOOT)
-
-
-def _pod_address(ns: str, ifname: str, ip: str, gateway: str, onlink: bool, prefixlen: int = 32) -> None:
-    with open_iproute(ns) as ipr:
-        index = _index(ipr, ifname)
-        ipr.link("set", index=index, state="up")
-        ipr.addr("add", index=index, address=ip, prefixlen=prefixlen)
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
-        ipr.route("add", dst="0.0.0.0/0", gateway=gateway, oif=index, flags=RTNH_F_ONLINK if onlink else 0,
-                  proto=RTPROT_BOOT)
-
-
 @pytest.fixture(params=["direct", "vxlan-4789", "vxlan-8472"])
-def nodes(request, lab):
+def nodes(request, plumbing):
     mode = request.param
     port = int(mode.split("-")[1]) if mode.startswith("vxlan") else None
-    k, kp, u, pp = lab.name("kn"), lab.name("kp"), lab.name("ul"), lab.name("pp")
-    vk, vu, kh, ke, vx, br = (lab.name(x) for x in ("vk", "vu", "kh", "ke", "vx", "br"))
-    uplink_tap, pod_tap = lab.name("up"), lab.name("pt")
-    taps = []
-    with Resources(prefix=lab.prefix, state_dir=lab.state_dir) as res:
-        try:
-            for ns in (k, kp, u, pp):
-                res.record_netns(ns)
-                create_netns(ns)
-                for scope in ("all", "default"):   # no IPv6 chatter anywhere
-                    set_sysctl(ns, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
-            for name, ns in ((vk, k), (vu, u), (kh, k), (ke, kp), (vx, k), (br, u), (uplink_tap, u), (pod_tap, pp)):
-                res.record_link(name, netns=ns)
-            set_sysctl(k, "net/ipv4/ip_forward", 1)
-            # the underlay: a bridge in U; K on a veth, podnet on a TAP it holds
-            with open_iproute(u) as ipr:
-                ipr.link("add", ifname=br, kind="bridge")
-            uplink = run_in_netns(u, open_tap, uplink_tap, mtu=1500)
-            taps.append(uplink)
-            mtu = 1500 if port is None else 1450          # Flannel gives pods the tunnel's MTU
-            pod = run_in_netns(pp, open_tap, pod_tap, mtu=mtu)
-            taps.append(pod)
-            with open_iproute(k) as ipr:
-                ipr.link("add", ifname=vk, kind="veth", peer=vu)
-                ipr.link("set", index=_index(ipr, vu), net_ns_fd=u)
-                ipr.link("add", ifname=kh, kind="veth", peer=ke)
-                ipr.link("set", index=_index(ipr, ke), net_ns_fd=kp)
-                vk_index, kh_index = _index(ipr, vk), _index(ipr, kh)
-                ipr.addr("add", index=vk_index, address=K_LEASE.public_ip, prefixlen=24)
-                ipr.addr("add", index=kh_index, address="10.244.1.1", prefixlen=24)
-                for index in (vk_index, kh_index, _index(ipr, "lo")):
-                    ipr.link("set", index=index, state="up")
-                if port is None:
-                    ipr.route("add", dst=P_LEASE.subnet, gateway=P_LEASE.public_ip, oif=vk_index)
-                else:
-                    kernel = FlannelNode(K_LEASE, device=vx)
-                    kernel.add_lease(P_LEASE)
-                    spec = dict(ifname=vx, kind="vxlan", vxlan_id=1, vxlan_local=K_LEASE.public_ip, vxlan_link=vk_index,
-                                vxlan_learning=0, address=K_LEASE.vtep_mac, mtu=kernel.mtu)
-                    if port != 8472:
-                        spec["vxlan_port"] = port
-                    ipr.link("add", **spec)
-                    vx_index = _index(ipr, vx)
-                    ipr.addr("add", index=vx_index, address=K_LEASE.gateway, prefixlen=32)
-                    ipr.link("set", index=vx_index, state="up")
-                    _program_like_flanneld(ipr, kernel, vx_index)
-            _pod_address(kp, ke, K_POD, "10.244.1.1", onlink=False, prefixlen=24)
-            _pod_address(pp, pod_tap, P_POD, "169.254.1.1", onlink=True)
-            with open_iproute(u) as ipr:
-                br_index = _index(ipr, br)
-                for name in (vu, uplink_tap):
-                    ipr.link("set", index=_index(ipr, name), master=br_index)
-                    ipr.link("set", index=_index(ipr, name), state="up")
-                ipr.link("set", index=br_index, state="up")
+    # the underlay: a bridge in U; K on a veth, podnet on a TAP it holds
+    underlay = plumbing.add_bridge("ul")
+    k, vk = plumbing.add_bridge_host(underlay, "kn"), "eth0"
+    set_sysctl(k, "net/ipv4/ip_forward", 1)
+    uplink = plumbing.open_bridge_tap(underlay, "uplink", mtu=1500)
+    mtu = 1500 if port is None else 1450          # Flannel gives pods the tunnel's MTU
+    pp, pod = plumbing.open_pod("pp", P_POD, mtu=mtu)
+    kp = plumbing.add_netns("kp")
+    kh, ke = plumbing.add_veth(k, "kh", kp, "ke")
+    add_address(k, vk, K_LEASE.public_ip, 24)
+    add_address(k, kh, "10.244.1.1", 24)
+    if port is None:
+        add_route(k, P_LEASE.subnet, P_LEASE.public_ip, vk)
+    else:
+        kernel = FlannelNode(K_LEASE, device=plumbing.lab.name("vx"))
+        kernel.add_lease(P_LEASE)
+        plumbing.add_flannel_vxlan(k, kernel, vk, port=None if port == 8472 else port)
+    add_address(kp, ke, K_POD, 24)
+    set_up(kp, "lo")
+    add_route(kp, "0.0.0.0/0", "10.244.1.1", ke, proto=RTPROT_BOOT)
 
-            dp = Datapath(node_cidr=P_LEASE.subnet, node_ip=P_LEASE.public_ip)
-            up = dp.add_uplink("uplink", P_UPLINK_MAC, cidr="192.0.2.0/24")
-            pod_port = dp.add_port("pod", PortKind.POD, pod.mac, P_POD)
-            if port is None:
-                dp.add_route(K_LEASE.subnet, up, via=K_LEASE.public_ip)
-            else:
-                vtep = Vtep(local_ip=P_LEASE.public_ip, mac=P_LEASE.vtep_mac, underlay_mac=P_UPLINK_MAC, port=port)
-                dp.add_tunnel(vtep, FlannelNode(P_LEASE))
-                dp.internode.add_lease(K_LEASE)
-            ports = {up: FdPort(uplink.fd, vnet_hdr=True, name="uplink"),
-                     pod_port: FdPort(pod.fd, vnet_hdr=True, name="pod")}
-            yield Nodes(mode, k, kp, pp, vk, dp, ports)
-        finally:
-            for tap in taps:
-                tap.close()
+    dp = Datapath(node_cidr=P_LEASE.subnet, node_ip=P_LEASE.public_ip)
+    up = dp.add_uplink("uplink", P_UPLINK_MAC, cidr="192.0.2.0/24")
+    pod_port = dp.add_port("pod", PortKind.POD, pod.mac, P_POD)
+    if port is None:
+        dp.add_route(K_LEASE.subnet, up, via=K_LEASE.public_ip)
+    else:
+        vtep = Vtep(local_ip=P_LEASE.public_ip, mac=P_LEASE.vtep_mac, underlay_mac=P_UPLINK_MAC, port=port)
+        dp.add_tunnel(vtep, FlannelNode(P_LEASE))
+        dp.internode.add_lease(K_LEASE)
+    ports = {up: FdPort(uplink.fd, vnet_hdr=True, name="uplink"),
+             pod_port: FdPort(pod.fd, vnet_hdr=True, name="pod")}
+    return Nodes(mode, k, kp, pp, vk, dp, ports)
 
 
 def _unexpected(drops: dict[str, int]) -> dict[str, int]:

@@ -32,9 +32,10 @@ from podnet.core import packet as pk
 from podnet.core.overlay import FlannelNode, Lease, Vtep
 from podnet.core.overlay.vxlan import Decapsulated
 from podnet.core.packet import DropReason
-from podnet.linux.netns import create_netns, get_sysctl, open_iproute, popen_in_netns, run_in_netns, set_sysctl
-from podnet.linux.resources import Resources
+from podnet.linux.netns import get_sysctl, popen_in_netns, run_in_netns
 from podnet.testing import frames as F
+
+from plumbing import add_address, link_mac, set_up
 
 pytestmark = pytest.mark.root
 
@@ -43,8 +44,7 @@ P_LEASE = Lease("10.244.2.0/24", "192.0.2.2", "0a:58:0a:f4:02:00")
 POD_BEHIND_P = "10.244.2.7"
 K_FLANNEL_IP = "10.244.1.0"   # flannel.1's /32: the source of what K itself sends into the tunnel
 
-# include/uapi/linux: neighbour states and flags, route flags and protocols, AF_PACKET constants
-NUD_PERMANENT, NTF_SELF, RTNH_F_ONLINK, RTPROT_BOOT = 0x80, 0x02, 4, 3
+# include/uapi/linux/if_packet.h and if_ether.h
 ETH_P_ALL, SOL_PACKET, PACKET_AUXDATA, PACKET_OUTGOING = 0x0003, 263, 8, 4
 TP_STATUS_CSUMNOTREADY, TP_STATUS_CSUM_VALID = 1 << 3, 1 << 7
 
@@ -98,22 +98,6 @@ class Underlay:
         raise AssertionError("no VXLAN datagram from the kernel node arrived")
 
 
-def _link(ipr, name: str) -> int:
-    return ipr.link_lookup(ifname=name)[0]
-
-
-def _program_like_flanneld(ipr, node: FlannelNode, vx_index: int) -> None:
-    """flanneld's AddARP, AddFDB and RouteReplace (vxlan_network.go), from FlannelNode's entries."""
-    for neigh in node.neighbours():
-        ipr.neigh("set", dst=neigh.ip, lladdr=neigh.lladdr, ifindex=vx_index, state=NUD_PERMANENT)
-    for fdb in node.fdb():
-        ipr.neigh("set", family=socket.AF_BRIDGE, lladdr=fdb.lladdr, dst=fdb.dst, ifindex=vx_index,
-                  state=NUD_PERMANENT, flags=NTF_SELF)
-    for route in node.routes():
-        ipr.route("replace", dst=route.dst, gateway=route.via, oif=vx_index, flags=RTNH_F_ONLINK,
-                  proto=RTPROT_BOOT)
-
-
 def _packet_socket(ifname: str) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.bind((ifname, 0))
@@ -128,56 +112,22 @@ def _udp_socket(address: tuple[str, int]) -> socket.socket:
 
 
 @pytest.fixture(params=[4789, None], ids=["dstport-4789", "kernel-default-port"])
-def underlay(request, lab):
+def underlay(request, plumbing):
     dstport = request.param
-    k, p = lab.name("kn"), lab.name("pn")
-    vk, vp, vx = lab.name("vk"), lab.name("vp"), lab.name("vx")
-    sockets: list[socket.socket] = []
-    with Resources(prefix=lab.prefix, state_dir=lab.state_dir) as res:
-        try:
-            for ns in (k, p):
-                res.record_netns(ns)
-                create_netns(ns)
-                for scope in ("all", "default"):  # no IPv6 chatter on the underlay
-                    set_sysctl(ns, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
-            res.record_link(vk, netns=k)
-            res.record_link(vp, netns=p)
-            res.record_link(vx, netns=k)
-            with open_iproute(k) as ipr:
-                ipr.link("add", ifname=vk, kind="veth", peer=vp)
-                ipr.link("set", index=_link(ipr, vp), net_ns_fd=p)
-                vk_index = _link(ipr, vk)
-                ipr.addr("add", index=vk_index, address=K_LEASE.public_ip, prefixlen=24)
-                ipr.link("set", index=vk_index, state="up")
-                ipr.link("set", index=_link(ipr, "lo"), state="up")
-                kernel_node = FlannelNode(K_LEASE, device=vx)
-                kernel_node.add_lease(P_LEASE)
-                # flanneld's newVXLANDevice: no UDP checksum, TTL, DF or port-range attributes, so
-                # the kernel's defaults; `Port: 0` omits the port as well
-                spec = dict(ifname=vx, kind="vxlan", vxlan_id=K_LEASE.vni, vxlan_local=K_LEASE.public_ip,
-                            vxlan_link=vk_index, vxlan_learning=0, address=K_LEASE.vtep_mac, mtu=kernel_node.mtu)
-                if dstport is not None:
-                    spec["vxlan_port"] = dstport
-                ipr.link("add", **spec)
-                vx_index = _link(ipr, vx)
-                ipr.addr("add", index=vx_index, address=K_LEASE.gateway, prefixlen=32)
-                ipr.link("set", index=vx_index, state="up")
-                _program_like_flanneld(ipr, kernel_node, vx_index)
-                k_uplink_mac = pk.mac_bytes(ipr.link("get", index=vk_index)[0].get_attr("IFLA_ADDRESS"))
-            with open_iproute(p) as ipr:
-                vp_index = _link(ipr, vp)
-                ipr.addr("add", index=vp_index, address=P_LEASE.public_ip, prefixlen=24)
-                ipr.link("set", index=vp_index, state="up")
-                p_uplink_mac = pk.mac_bytes(ipr.link("get", index=vp_index)[0].get_attr("IFLA_ADDRESS"))
-            port = dstport or 8472
-            vtep = Vtep(local_ip=P_LEASE.public_ip, mac=P_LEASE.vtep_mac, underlay_mac=p_uplink_mac, port=port)
-            raw = run_in_netns(p, _packet_socket, vp)
-            sockets.append(raw)
-            sockets.append(run_in_netns(p, _udp_socket, ("0.0.0.0", port)))
-            yield Underlay(k, p, vx, port, k_uplink_mac, p_uplink_mac, kernel_node, vtep, raw)
-        finally:
-            for sock in sockets:
-                sock.close()
+    k, p = plumbing.add_netns("kn"), plumbing.add_netns("pn")
+    vk, vp = plumbing.add_veth(k, "vk", p, "vp")
+    add_address(k, vk, K_LEASE.public_ip, 24)
+    set_up(k, "lo")
+    kernel_node = FlannelNode(K_LEASE, device=plumbing.lab.name("vx"))
+    kernel_node.add_lease(P_LEASE)
+    plumbing.add_flannel_vxlan(k, kernel_node, vk, port=dstport)
+    add_address(p, vp, P_LEASE.public_ip, 24)
+    k_uplink_mac, p_uplink_mac = pk.mac_bytes(link_mac(k, vk)), pk.mac_bytes(link_mac(p, vp))
+    port = dstport or 8472
+    vtep = Vtep(local_ip=P_LEASE.public_ip, mac=P_LEASE.vtep_mac, underlay_mac=p_uplink_mac, port=port)
+    raw = plumbing.hold(run_in_netns(p, _packet_socket, vp))
+    plumbing.hold(run_in_netns(p, _udp_socket, ("0.0.0.0", port)))
+    return Underlay(k, p, kernel_node.device, port, k_uplink_mac, p_uplink_mac, kernel_node, vtep, raw)
 
 
 def _ping_exchange(u: Underlay) -> tuple[bytes, int, bytes]:

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import socket
 import struct
-import time
 
 import pytest
 
 from podnet.core import gso
 from podnet.core.internode import _encapsulate_whole
 from podnet.core.overlay.vxlan import Vtep
-from podnet.linux.netns import create_netns, open_iproute, run_in_netns, set_sysctl
-from podnet.linux.resources import Resources
-from podnet.linux.tap import TUN_F_UDP_TUNNEL_GSO, open_tap
+from podnet.linux.tap import TUN_F_UDP_TUNNEL_GSO
+
+from plumbing import read_frames
 
 pytestmark = pytest.mark.root
 
@@ -58,53 +56,15 @@ def super_frame(payload: bytes, mss: int) -> tuple[bytes, bytes]:
 
 
 @pytest.fixture
-def taps(lab):
-    ns, br = lab.name("tg"), lab.name("tgbr")
-    names = {"a": lab.name("tga"), "b": lab.name("tgb"), "plain": lab.name("tgp")}
-    opened = {}
-    with Resources(prefix=lab.prefix, state_dir=lab.state_dir) as res:
-        try:
-            res.record_netns(ns)
-            create_netns(ns)
-            for scope in ("all", "default"):
-                set_sysctl(ns, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
-            for name in (br, *names.values()):
-                res.record_link(name, netns=ns)
-            for key, name in names.items():
-                if key == "plain":
-                    opened[key] = run_in_netns(ns, open_tap, name, offloads=False)
-                else:
-                    opened[key] = run_in_netns(ns, open_tap, name, udp_tunnel_gso=True)
-            with open_iproute(ns) as ipr:
-                ipr.link("add", ifname=br, kind="bridge")
-                br_index = ipr.link_lookup(ifname=br)[0]
-                for name in names.values():
-                    index = ipr.link_lookup(ifname=name)[0]
-                    ipr.link("set", index=index, master=br_index)
-                    ipr.link("set", index=index, state="up")
-                ipr.link("set", index=br_index, state="up")
-            yield opened
-        finally:
-            for tap in opened.values():
-                tap.close()
+def taps(plumbing):
+    bridge = plumbing.add_bridge("tg")
+    return {"a": plumbing.open_bridge_tap(bridge, "a", udp_tunnel_gso=True),
+            "b": plumbing.open_bridge_tap(bridge, "b", udp_tunnel_gso=True),
+            "plain": plumbing.open_bridge_tap(bridge, "plain", offloads=False)}
 
 
-def _read(fd: int, header_len: int, count: int, timeout_s: float = 5.0) -> list[tuple[bytes, bytes]]:
-    got = []
-    deadline = time.monotonic() + timeout_s
-    while len(got) < count and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        while True:
-            try:
-                data = os.read(fd, 70000)
-            except BlockingIOError:
-                break
-            vnet, frame = data[:header_len], data[header_len:]
-            if frame[12:14] == b"\x08\x00" and frame[23] == 17:   # only VXLAN is sent here
-                got.append((vnet, frame))
-    return got
+def _is_udp(frame: bytes) -> bool:
+    return frame[12:14] == b"\x08\x00" and frame[23] == 17   # only VXLAN is sent here
 
 
 def test_a_whole_vxlan_super_frame_crosses_a_bridge_whole_to_a_tap_that_takes_it_and_cut_to_one_that_does_not(taps):
@@ -120,13 +80,13 @@ def test_a_whole_vxlan_super_frame_crosses_a_bridge_whole_to_a_tap_that_takes_it
         1, 0x21, 50 + 66, mss, 84, 16, outer_th_offset=34, inner_nh_offset=64).pack()
     assert os.writev(a.fd, (header, outer)) == 24 + len(outer)
 
-    ((got_vnet, got),) = _read(b.fd, 24, 1)
+    ((got_vnet, got),) = read_frames(b, 1, _is_udp)
     assert got == outer
     parsed = gso.TunnelVnetHeader.parse(got_vnet)
     assert (parsed.flags & 1, parsed.gso_type, parsed.gso_size, parsed.csum_start, parsed.csum_offset,
             parsed.outer_th_offset, parsed.inner_nh_offset) == (1, 0x21, mss, 84, 16, 34, 64)
 
-    cut = _read(plain.fd, 10, segments)
+    cut = read_frames(plain, segments, _is_udp)
     assert len(cut) == segments and all(v == bytes(10) for v, _ in cut)
     expected = gso.segment_tcp4(bytearray(outer[50:]), mss)
     outer_id = outer[18] << 8 | outer[19]
