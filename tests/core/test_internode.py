@@ -541,6 +541,31 @@ def test_a_df_packet_over_the_tunnel_mtu_gets_frag_needed_with_the_mtu(cached):
     assert [x.reason for x in drops] == [DropReason.MTU_EXCEEDED]
 
 
+@pytest.mark.parametrize("path", ["slow", "cached"])
+@pytest.mark.parametrize("junk", [100, 1500], ids=["fits-anyway", "over-the-mtu-with-it"])
+def test_bytes_past_the_ip_total_length_do_not_cross_the_tunnel(path, junk):
+    """ip_rcv trims a frame to its IPv4 total length (pskb_trim_rcsum) before the kernel routes it,
+    so Ethernet padding, or junk a pod wrote after its packet, never reaches flannel.1: it is not
+    encapsulated and not measured against the tunnel MTU. (The cached path used to raise here.)"""
+    cl = cluster("vxlan")
+    a = cl.dp["a"]
+    if path == "cached":
+        for t in (0.0, 0.1):
+            cl.send("a", F.udp(POD["a"], POD["b"], 5000, 6000, src_mac=POD_MAC["a"]), t)
+            cl.send("b", F.udp(POD["b"], POD["a"], 6000, 5000, src_mac=POD_MAC["b"]), t)
+    fast_before = a.statistics().fast_path_packets
+    packet = F.udp(POD["a"], POD["b"], 5000, 6000, payload=b"x" * 100, src_mac=POD_MAC["a"])
+    since_wire, since_pod = len(cl.wire.log), len(cl.received("b"))
+    actions = cl.send("a", packet + bytes(junk), 1.0)
+    assert all(isinstance(x, Transmit) for x in actions) and a.statistics().dropped == 0
+    assert a.statistics().fast_path_packets == fast_before + (path == "cached")
+    (outer,) = data_frames(cl, since_wire)
+    assert outer.data.len == 20 + 8 + 8 + 14 + 128 and outer.data.data.ulen == 8 + 8 + 14 + 128
+    assert l4_ok(outer.data) and len(bytes(vxlan_inner(outer))) == 14 + 128
+    ((got, _),) = cl.received("b")[since_pod:]
+    assert len(got) == 14 + 128 and decode(got).data.data.data == b"x" * 100
+
+
 def _super_frame(payload: bytes, mss: int, seq: int = 1000) -> tuple[bytearray, bytes]:
     """A TCP super-frame as a pod's TAP hands it up with TSO: the pseudo-header sum in the checksum
     field (NEEDS_CSUM) and gso_type TCPV4."""
@@ -850,3 +875,79 @@ def test_a_whole_super_frame_from_a_kernel_peer_is_decapsulated_with_its_inner_g
     (tx,) = a.process(outer, cl.uplink["a"], 1.0, vnet)
     assert tx.port == cl.pod["a"] and decode(tx.frame).data.data.data == payload
     assert gso.VnetHeader.parse(tx.vnet) == gso.VnetHeader(1, gso.GSO_TCPV4, 54, 1000, 34, 16)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-super-frame", "partial-checksum"])
+def test_the_inner_vnet_header_moves_back_by_the_outer_headers_ip_options_included(whole):
+    """The inner frame starts after the outer IPv4 header, options included (decapsulate accepts
+    them), so csum_start and hdr_len move back by 54 here, not by a fixed 50."""
+    cl = cluster("vxlan")
+    a = cl.dp["a"]
+    payload = random.Random(6).randbytes(5000 if whole else 500)
+    inner = F.tcp(POD["b"], POD["a"], 80, 40000, flags=ACK, payload=payload, src_mac=mac("b", 3))
+    head = bytearray(_from_b())[:50]
+    outer = head[:34] + b"\x01\x01\x01\x00" + head[34:] + bytes(inner)   # NOP NOP NOP EOL
+    outer[14] = 0x46
+    udp_len = 16 + len(inner)
+    struct.pack_into("!H", outer, 16, 24 + udp_len)
+    struct.pack_into("!H", outer, 38 + 4, udp_len)   # the UDP header is at 38 now
+    outer[44:46] = b"\x00\x00"
+    fix_ip_checksum(outer)
+    outer[54:66] = mac("a", 3) + mac("b", 3)
+    if whole:
+        vnet = gso.TunnelVnetHeader(1, 0x21, 54 + 54, 1000, 54 + 34, 16, outer_th_offset=38,
+                                    inner_nh_offset=68).pack()
+        want = gso.VnetHeader(1, gso.GSO_TCPV4, 54, 1000, 34, 16)
+    else:
+        vnet = gso.VnetHeader(1, 0, 0, 0, 54 + 34, 16).pack()
+        want = gso.VnetHeader(1, 0, 0, 0, 34, 16)
+    (tx,) = a.process(outer, cl.uplink["a"], 1.0, vnet)
+    assert tx.port == cl.pod["a"] and decode(tx.frame).data.data.data == payload
+    assert gso.VnetHeader.parse(tx.vnet) == want
+
+
+def test_damaged_frames_on_cached_flows_and_whole_super_frames_never_raise_and_every_drop_is_counted():
+    """Fuzz: bit flips, truncation and trailing bytes on the frames of established flows (the cached
+    VXLAN path), on TSO super-frames and on whole VXLAN super-frames with their 24-byte header.
+    Every action is a Transmit or a Drop, and the drop counters move by exactly the Drops returned."""
+    cl = _gso_cluster()
+    a, b = cl.dp["a"], cl.dp["b"]
+    super_frame, super_vnet = _super_frame(random.Random(4).randbytes(5000), mss=1398)
+    since = len(cl.wire.log)
+    cl.send("a", bytearray(super_frame), 1.0, super_vnet)
+    (whole,) = [s for s in cl.wire.log[since:] if decode(s.frame).type != 0x0806]
+    assert len(whole.vnet) == gso.VNET_HDR_TUNNEL_LEN
+    for t in (1.0, 1.1):
+        cl.send("a", F.udp(POD["a"], POD["b"], 1, 2, src_mac=POD_MAC["a"]), t)
+        cl.send("b", F.udp(POD["b"], POD["a"], 2, 1, src_mac=POD_MAC["b"]), t)
+    small = F.udp(POD["a"], POD["b"], 1, 2, payload=b"x" * 300, src_mac=POD_MAC["a"])
+    cases = [(bytes(whole.frame), whole.vnet, b, cl.uplink["b"]), (bytes(super_frame), super_vnet, a, cl.pod["a"]),
+             (bytes(small), None, a, cl.pod["a"]), (_from_b(), None, a, cl.uplink["a"])]
+    rng = random.Random(11)
+    now, kinds = 2.0, set()
+    for _ in range(4000):
+        base, vnet, dp, port = rng.choice(cases)
+        frame = bytearray(base)
+        for _ in range(rng.randrange(0, 3)):
+            frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
+        cut = rng.random()
+        if cut < 0.2:
+            frame = frame[:rng.randrange(len(frame) + 1)]
+        elif cut < 0.3:
+            frame += rng.randbytes(rng.randrange(1, 2000))
+        if vnet is not None and rng.random() < 0.3:
+            vnet = bytearray(vnet)
+            vnet[rng.randrange(len(vnet))] = rng.randrange(256)
+            vnet = bytes(vnet)
+        if rng.random() < 0.5 and len(frame) > 34 and frame[12:14] == b"\x08\x00":
+            fix_ip_checksum(frame)
+        now += 0.01
+        dropped = dp.statistics().dropped
+        actions = dp.process(frame, port, now, vnet)
+        for action in actions:
+            assert type(action) in (Transmit, Drop)
+            if type(action) is Transmit:
+                assert len(action.frame) >= 14 and (action.vnet is None or len(action.vnet) in (10, 24))
+            kinds.add(action.reason.value if type(action) is Drop else "sent")
+        assert dp.statistics().dropped - dropped == sum(type(x) is Drop for x in actions)
+    assert {"sent", "udp_bad_checksum", "ipv4_bad_checksum", "frag_needed"} <= kinds

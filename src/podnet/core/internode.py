@@ -16,9 +16,10 @@ underlay shared with the other nodes (a bridge); the node owns an address and a 
 Egress, after the datapath's routing, conntrack and NAT (`next_hop` before them, `transmit` after):
 
     route → [tunnel: lease of the route's next hop (neighbour + FDB); MTU = underlay - 50, a DF
-             packet over it gets ICMP frag-needed (overlay/mtu.py); software GSO and checksums
-             (core/gso.py); encapsulation (overlay/vxlan.py); the outer next hop = the underlay
-             route to the lease's PublicIP]
+             packet over it gets ICMP frag-needed (overlay/mtu.py); bytes past the IPv4 total
+             length cut off, as ip_rcv trims them; software GSO and checksums (core/gso.py);
+             encapsulation (overlay/vxlan.py); the outer next hop = the underlay route to the
+             lease's PublicIP]
           → neighbour: the next hop's MAC from the underlay's NeighborTable (core/neighbor.py):
              REACHABLE/STALE/DELAY/PROBE/PERMANENT send now; otherwise the frame waits (already
              rewritten; only the destination MAC is left to fill) while ARP requests go out, and is
@@ -370,6 +371,7 @@ class Internode:
         known = self.neighbors.get(hop.ip)
         guess = known.mac if known is not None and known.mac is not None else _NO_MAC
         peer = tunnel.peer(hop.lease, guess)
+        frames = [_trimmed(f) for f in frames]
         whole = None
         if peer.tunnel_gso and len(frames) == 1 and vnet and vnet[1] & ~gso.GSO_ECN == gso.GSO_TCPV4:
             whole = _encapsulate_whole(tunnel.vtep, frames[0], vnet, peer, count=ctx.commit)
@@ -498,7 +500,8 @@ class Internode:
                 c.slow += 1
             return [dp._drop(ctx, got, port.id, "vxlan", f"to {pk.ip_str(dp.node_ip)}:{tunnel.vtep.port}")]
         inner = got.inner
-        ivnet = _inner_vnet(vnet) if vnet and vnet[0] & 1 else None
+        # the inner frame follows the outer Ethernet, IPv4 (options included), UDP and VXLAN headers
+        ivnet = _inner_vnet(vnet, 30 + (frame[14] & 0x0F) * 4) if vnet and vnet[0] & 1 else None
         if ctx.steps is not None:
             ctx.step("vxlan", f"decap vni {got.vni}", f"from {pk.ip_str(got.remote_ip)}:{got.source_port} "
                      f"to {dp.port(tunnel.port).name}")
@@ -599,6 +602,8 @@ class Internode:
         flow[_SEEN] = now
         peer = flow[_PEER]
         vtep = tunnel.vtep
+        if n > 14 + tot_len:
+            frame = frame[:14 + tot_len]   # see _trimmed
         if gso_size and peer.tunnel_gso:
             whole = _encapsulate_whole(vtep, frame, vnet, peer)
             if whole is not None:
@@ -625,6 +630,9 @@ class Internode:
         else:
             for f in inner:
                 outer = encapsulate(f, peer)
+                if type(outer) is DropReason:   # one frame here; the checks above make this rare
+                    c.drops[outer.value] += 1
+                    return [Drop(outer, in_port, "fast path")]
                 self._fast_tx_bytes += len(outer)
                 out.append(_new_tuple(Transmit, (self.underlay, outer, None)))
         self._fast_tx += len(out)
@@ -697,6 +705,19 @@ _OUTER_TH = pk.ETH_HLEN + 20                   # 34: the outer UDP header
 _INNER_NH = OUTER_HLEN + pk.ETH_HLEN           # 64: the inner IPv4 header
 
 
+def _trimmed(frame):
+    """An IPv4 frame without the bytes past its total length (Ethernet padding, or whatever a pod
+    wrote after its packet): ip_rcv trims them (pskb_trim_rcsum) before the kernel routes a packet
+    into flannel.1, so they are neither carried across the tunnel nor measured against its MTU.
+    A copy only when there is something to cut."""
+    n = len(frame)
+    if n > 34 and frame[12] == 0x08 and frame[13] == 0x00:
+        end = pk.ETH_HLEN + (frame[16] << 8 | frame[17])
+        if 34 <= end < n:
+            return frame[:end]
+    return frame
+
+
 def _encapsulate_whole(vtep: Vtep, frame, vnet, peer: Peer, *, count: bool = True):
     """(outer frame, its 24-byte vnet header, segments) for a TCPv4 super-frame sent whole over the
     tunnel (GSO over UDP tunnels), or None when it must be cut in software: not NEEDS_CSUM, not a
@@ -722,20 +743,21 @@ def _encapsulate_whole(vtep: Vtep, frame, vnet, peer: Peer, *, count: bool = Tru
     return outer, header, segments
 
 
-def _inner_vnet(vnet) -> bytes | None:
-    """The virtio-net header of a decapsulated frame: a partial checksum that lies in the inner
-    frame (the kernel's vxlan with local checksum offload leaves the inner TCP/UDP sum partial)
-    stays partial, 50 bytes earlier; otherwise the inner frame is complete and needs none. A whole
-    super-frame (gso_type with a UDP tunnel bit) keeps its inner GSO: the inner type, the same
-    gso_size, hdr_len and csum_start 50 bytes earlier, in a 10-byte header."""
+def _inner_vnet(vnet, offset: int) -> bytes | None:
+    """The virtio-net header of a decapsulated frame that began `offset` bytes into the outer one
+    (50 without outer IP options): a partial checksum that lies in the inner frame (the kernel's
+    vxlan with local checksum offload leaves the inner TCP/UDP sum partial) stays partial, `offset`
+    bytes earlier; otherwise the inner frame is complete and needs none. A whole super-frame
+    (gso_type with a UDP tunnel bit) keeps its inner GSO: the inner type, the same gso_size, hdr_len
+    and csum_start `offset` bytes earlier, in a 10-byte header."""
     header = gso.VnetHeader.parse(vnet)
-    if header is None or not header.needs_csum or header.csum_start < 50 + pk.ETH_HLEN + 20:
+    if header is None or not header.needs_csum or header.csum_start < offset + pk.ETH_HLEN + 20:
         return None
     if header.gso_type & gso.GSO_UDP_TUNNEL:
         return gso.VnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, header.gso_type & ~gso.GSO_UDP_TUNNEL,
-                              max(header.hdr_len - 50, 0), header.gso_size, header.csum_start - 50,
+                              max(header.hdr_len - offset, 0), header.gso_size, header.csum_start - offset,
                               header.csum_offset).pack()
-    return gso.VnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.GSO_NONE, 0, 0, header.csum_start - 50,
+    return gso.VnetHeader(gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.GSO_NONE, 0, 0, header.csum_start - offset,
                           header.csum_offset).pack()
 
 
