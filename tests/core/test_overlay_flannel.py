@@ -63,6 +63,8 @@ def test_bad_leases_are_config_errors_that_say_what(key, value, message):
 
 @pytest.mark.parametrize("kw, field", [
     ({"public_ip": "192.0.2.300"}, "PublicIP"), ({"vtep_mac": "0a:58"}, "VtepMAC"), ({"vni": 1 << 24}, "VNI"),
+    # what a lease's JSON may hold where a string or a number belongs (Go's json refuses them too)
+    ({"vtep_mac": 5}, "VtepMAC"), ({"vtep_mac": None}, "VtepMAC"), ({"vni": True}, "VNI"), ({"vni": "1"}, "VNI"),
 ])
 def test_bad_fields_are_named(kw, field):
     args = {"subnet": "10.244.2.0/24", "public_ip": "192.0.2.2", "vtep_mac": "0a:58:c0:00:02:02", **kw}

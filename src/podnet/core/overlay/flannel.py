@@ -82,10 +82,12 @@ class Lease:
         except ValueError as exc:
             raise ConfigError(f"flannel lease {net} PublicIP {self.public_ip!r}: {exc}") from None
         try:
+            if not isinstance(self.vtep_mac, str | bytes):   # a lease's JSON may hold anything
+                raise ValueError("not a string")
             mac = pk.mac_str(pk.mac_bytes(self.vtep_mac))
         except ValueError as exc:
             raise ConfigError(f"flannel lease {net} VtepMAC {self.vtep_mac!r}: {exc}") from None
-        if not isinstance(self.vni, int) or not 0 <= self.vni < 1 << 24:
+        if type(self.vni) is not int or not 0 <= self.vni < 1 << 24:   # bool is an int, JSON's true is not
             raise ConfigError(f"flannel lease {net} VNI {self.vni!r}: a VNI is 24 bits")
         object.__setattr__(self, "subnet", str(net))
         object.__setattr__(self, "public_ip", str(public))
