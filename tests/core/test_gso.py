@@ -197,3 +197,59 @@ def test_vnet_header_round_trip():
     assert raw == bytes([1, 0x81, 66, 0, 0xA8, 0x05, 34, 0, 16, 0])        # little-endian, as virtio says
     assert gso.VnetHeader.parse(raw) == header and header.gso == gso.GSO_TCPV4 and header.needs_csum
     assert gso.VnetHeader.parse(None) is None and gso.VnetHeader.parse(b"\x00" * 4) is None
+
+
+def test_damaged_frames_and_headers_never_raise_and_what_comes_out_is_whole():
+    """Fuzz `finish`: bit flips, truncation and padding of a super-frame and of a CHECKSUM_PARTIAL
+    frame, and random virtio-net headers. The input is never modified; segments of a TCPv4 GSO frame
+    carry valid IPv4 and TCP checksums (checked here by reference arithmetic), at most gso_size bytes
+    each, and together exactly the payload the frame's own headers delimit; a finished partial
+    frame differs from its input only in the two checksum bytes."""
+    rng = random.Random(13)
+    big = bytes(super_frame(random.Random(1).randbytes(6000)))
+    small = bytes(_partial(F.udp(SRC, DST, payload=b"xyz" * 33), 17))
+    headers = [gso.VnetHeader(1, gso.GSO_TCPV4, 66, 1448, 34, 16), gso.VnetHeader(1, 0, 0, 0, 34, 6),
+               gso.VnetHeader(1, gso.GSO_TCPV4 | gso.GSO_ECN, 66, 1000, 34, 16)]
+    outcomes = set()
+    for _ in range(3000):
+        frame = bytearray(rng.choice([big, small]))
+        for _ in range(rng.randint(0, 3)):
+            frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
+        if rng.random() < 0.2:
+            del frame[rng.randrange(len(frame)):]
+        elif rng.random() < 0.1:
+            frame += rng.randbytes(rng.randrange(1, 20))
+        raw = bytearray(rng.choice(headers).pack())
+        if rng.random() < 0.3:
+            raw[rng.randrange(10)] = rng.randrange(256)
+        header = gso.VnetHeader.parse(raw)
+        before = bytes(frame)
+        got = gso.finish(frame, bytes(raw))
+        assert bytes(frame) == before
+        if isinstance(got, DropReason):
+            assert got is DropReason.GSO_INVALID
+            outcomes.add("invalid")
+            continue
+        if header.gso == gso.GSO_TCPV4:
+            ihl, tot_len = (frame[14] & 0x0F) * 4, frame[16] << 8 | frame[17]
+            start, end = 14 + ihl + (frame[14 + ihl + 12] >> 4) * 4, 14 + tot_len
+            ip_ok = naive_sum(before[14:14 + ihl]) == 0xFFFF   # a single segment keeps the IPv4 header
+            for segment in got:
+                tcp = bytes(segment[14 + ihl:])
+                assert len(segment) == 14 + (segment[16] << 8 | segment[17])
+                assert naive_sum(bytes(segment[14:14 + ihl])) == 0xFFFF or (len(got) == 1 and not ip_ok)
+                pseudo = bytes(segment[26:34]) + struct.pack("!BBH", 0, 6, len(tcp))
+                assert naive_sum(pseudo + tcp) == 0xFFFF
+                assert len(segment) - start <= max(header.gso_size, end - start)
+            assert b"".join(bytes(s[start:]) for s in got) == before[start:end]
+            outcomes.add("segmented" if len(got) > 1 else "single")
+        elif header.needs_csum:
+            (done,) = got
+            field = header.csum_start + header.csum_offset
+            assert len(done) == len(before) and done[:field] == before[:field]
+            assert done[field + 2:] == before[field + 2:]
+            outcomes.add("finished")
+        else:
+            assert got == [frame]
+            outcomes.add("as-is")
+    assert {"invalid", "segmented", "single", "finished", "as-is"} <= outcomes

@@ -432,3 +432,47 @@ def test_encapsulate_then_decapsulate_with_every_option():
 def test_module_constants():
     assert (vxlan.IANA_PORT, vxlan.LINUX_DEFAULT_PORT, vxlan.FLANNEL_PORT) == (4789, 8472, 8472)
     assert vxlan.OUTER_HLEN == 50 and vxlan.VXLAN_OVERHEAD == 50 and vxlan.EPHEMERAL_PORTS == (32768, 60999)
+
+
+def test_damage_anywhere_is_none_a_counted_drop_or_an_inner_frame_inside_the_datagram():
+    """Fuzz over the whole frame (outer and inner headers, payload), truncated or extended, with and
+    without checksum_unnecessary: every DropReason is counted once, None counts nothing, and an inner
+    frame is always whole Ethernet, inside the UDP datagram's length."""
+    rng = random.Random(12)
+    b = vtep_b()
+    ect_inner = bytearray(inner_to_b())
+    ect_inner[15] |= 0x02
+    ect_inner[24:26] = b"\x00\x00"
+    ect_inner[24:26] = struct.pack("!H", naive_checksum(bytes(ect_inner[14:34])))
+    bases = [vxlan_frame(inner_to_b()), vxlan_frame(inner_to_b(), csum=False, ip_options=b"\x01\x01\x01\x00"),
+             vxlan_frame(bytes(ect_inner), tos=0x03), vxlan_frame(inner_to_b(), tos=0x03, csum=False),
+             vxlan_frame(inner_to_b(payload=bytes(3000)), padding=bytes(7)),
+             vxlan_frame(bytes(F.arp_request("10.244.1.5", "10.244.2.7", A_VTEP)))]
+    outcomes = set()
+    for _ in range(5000):
+        frame = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(0, 3)):
+            frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
+        if rng.random() < 0.3:
+            del frame[rng.randrange(len(frame)):]
+        elif rng.random() < 0.1:
+            frame += rng.randbytes(rng.randrange(1, 64))
+        before = b.statistics()
+        got = b.decapsulate(frame, rng.random() < 0.3)
+        after = b.statistics()
+        if isinstance(got, DropReason):
+            assert after.dropped == before.dropped + 1 and after.drops[got.value] == before.drops.get(got.value, 0) + 1
+            outcomes.add(got.value)
+            continue
+        assert after.dropped == before.dropped
+        if got is None:
+            assert after == before
+            outcomes.add("none")
+            continue
+        assert isinstance(got, Decapsulated) and after.rx_packets == before.rx_packets + 1
+        ihl = (frame[14] & 0x0F) * 4
+        udp_len = frame[14 + ihl + 4] << 8 | frame[14 + ihl + 5]
+        assert 14 <= len(got.inner) == udp_len - 16 and len(got.inner) == after.rx_bytes - before.rx_bytes
+        outcomes.add("decapsulated")
+    assert {"none", "decapsulated", "ipv4_bad_checksum", "udp_bad_checksum", "vxlan_invalid_hdr",
+            "vxlan_vni_not_found", "ip_tunnel_ecn", "ipv4_bad_total_length"} <= outcomes
