@@ -294,6 +294,16 @@ def test_live_commands_without_a_lab_say_so(capsys, state_dir):
         assert code == 1 and "no podnet lab is running" in err
 
 
+def test_node_picks_a_running_node_so_offline_rules_refuse_it(capsys, tmp_path):
+    rules = tmp_path / "rules.txt"
+    rules.write_text("*nat\nCOMMIT\n")
+    for argv in (["iptables-save", "-f", DEMO], ["iptables", "-L", "-f", DEMO], ["ipvsadm", "-Ln", "-f", DEMO],
+                 ["iptables", "trace", "--rules", str(rules), "--src", "10.244.0.2", "--proto", "tcp",
+                  "--dst", "10.96.0.10", "--dport", "80"]):
+        code, out, err = podnet(capsys, *argv, "--node", "node-2")
+        assert (code, out) == (1, "") and "--node picks a node of the running cluster" in err, argv
+
+
 # ---- the control-socket ops, against a stand-in for a Lab ---------------------------------------
 
 async def test_control_ops_answer_like_the_tools(demo, web_ip, tmp_path):

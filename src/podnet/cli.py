@@ -4,7 +4,7 @@
     podnet status [-o json]            pods with IP, node, phase and readiness (kubectl get pods -o wide)
     podnet status --services [-o json] Services with their ClusterIPs (kubectl get services -A)
     podnet exec [-n NS] POD -- CMD...  run a command inside a pod; its output and exit code are yours
-    podnet stats [-o json]             what the datapath counted
+    podnet stats [-o json] [--node NAME]   what the datapath counted (a cluster: one node's)
     podnet trace POD DST[:PORT] [-p tcp|udp|icmp]   the first packet from a pod, node by node
     podnet iptables-save [-f FILE]     kube-proxy's rules (live, or offline for manifests): see cli_services
     podnet iptables -L | trace ...     list them as iptables does; trace a packet through them
@@ -59,10 +59,11 @@ def format_services(services: list[dict]) -> str:
     return _table(rows)
 
 
-def format_stats(stats: dict, sync: dict | None = None) -> str:
+def format_stats(stats: dict, sync: dict | None = None, node: str | None = None, pid: int | None = None) -> str:
     rows = [["PORT", "KIND", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES"]]
     rows += [[p["name"], p["kind"], p["rx_packets"], p["rx_bytes"], p["tx_packets"], p["tx_bytes"]] for p in stats["ports"]]
-    out = [_table(rows), ""]
+    out = [f"node {node} (pid {pid})"] if node else []
+    out += [_table(rows), ""]
     out.append(f"fast path packets {stats['fast_path_packets']}, slow path packets {stats['slow_path_packets']}, "
                f"flows {stats['flows']} (installed {stats['flows_installed']}), arp replies {stats['arp_replies']}, "
                f"icmp sent {stats['icmp_sent']}")
@@ -172,9 +173,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    reply = request(_state_dir(args), "stats")
-    stats, sync = reply["stats"], reply.get("sync")
-    print(json.dumps({**stats, "sync": sync}, indent=2) if args.output == "json" else format_stats(stats, sync))
+    reply = request(_state_dir(args), "stats", **cli_services.live_fields(args))
+    stats, sync, node, pid = reply["stats"], reply.get("sync"), reply.get("node"), reply.get("pid")
+    if args.output == "json":
+        print(json.dumps({**stats, "sync": sync, "node": node, "pid": pid}, indent=2))
+    else:
+        print(format_stats(stats, sync, node, pid))
     return 0
 
 
@@ -184,7 +188,8 @@ def cmd_trace(args) -> int:
         print(f"podnet trace: bad port in {args.dst!r}", file=sys.stderr)
         return 2
     reply = request(_state_dir(args), "packet-trace", pod=args.pod, namespace=args.namespace, dst=dst,
-                    dport=int(port) if port else 80, proto=args.proto, sport=args.sport)
+                    dport=int(port) if port else 80, proto=args.proto, sport=args.sport,
+                    **cli_services.live_fields(args))
     print(json.dumps(reply["hops"], indent=2) if args.output == "json" else reply["text"])
     return 0
 
@@ -225,13 +230,15 @@ def _run_in(netns: str, argv: list[str]) -> int:
 
 
 def cmd_backend(args) -> int:
+    node = cli_services.live_fields(args)
     if args.action == "set":
-        reply = request(_state_dir(args), "backend", set=args.name, timeout_s=300)
+        reply = request(_state_dir(args), "backend", set=args.name, timeout_s=300, **node)
         sync = reply["sync"]
-        print(f"podnet: Service backend is now {reply['backend']} ({sync['objects_total']} entries programmed "
+        where = f" on {args.node}" if args.node else ""
+        print(f"podnet: Service backend is now {reply['backend']}{where} ({sync['objects_total']} entries programmed "
               f"in {1000 * (sync['build_s'] + sync['apply_s']):.1f} ms)")
     else:
-        print(request(_state_dir(args), "backend")["backend"])
+        print(request(_state_dir(args), "backend", **node)["backend"])
     return 0
 
 
@@ -287,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "status":
             p.add_argument("--services", action="store_true", help="list Services and their ClusterIPs instead")
+        else:
+            cli_services.add_node_choice(p)
 
     tr = sub.add_parser("trace", help="the first packet from a pod through the datapath, across nodes")
     tr.add_argument("pod", help="the pod the packet leaves from")
@@ -295,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-p", "--proto", choices=["tcp", "udp", "icmp"], default="tcp")
     tr.add_argument("--sport", type=int, default=40000, help="source port (for icmp: the echo id)")
     tr.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    tr.add_argument("--node", metavar="NAME", help="the pod's node (default: found; a node process of a "
+                                                   "cluster traces its own datapath only)")
     tr.set_defaults(func=cmd_trace)
 
     ex = sub.add_parser("exec", help="run a command inside a pod (or, with --external, on the external client)")
@@ -306,9 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("down", help="stop the running lab").set_defaults(func=cmd_down)
     be = sub.add_parser("backend", help="show or switch the running lab's Service backend")
+    cli_services.add_node_choice(be)
     be_sub = be.add_subparsers(dest="action")
-    be_set = be_sub.add_parser("set", help="switch: established connections keep their NAT")
+    be_set = be_sub.add_parser("set", help="switch: established connections keep their NAT (a cluster: "
+                                           "every node, or --node's)")
     be_set.add_argument("name")
+    cli_services.add_node_choice(be_set, nested=True)
     be.set_defaults(func=cmd_backend)
     cl = sub.add_parser("clean", help="remove what a killed run left behind")
     cl.add_argument("--prefix", default=DEFAULT_PREFIX)

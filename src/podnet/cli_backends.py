@@ -8,7 +8,7 @@ picks the view, and says clearly when the node runs a different backend than the
 
 from __future__ import annotations
 
-from podnet.cli_services import _emit, _offline_node, _state_dir, add_node_options
+from podnet.cli_services import _emit, _offline_node, _state_dir, add_node_choice, add_node_options, live_fields
 from podnet.control import request
 from podnet.errors import ConfigError
 
@@ -43,7 +43,7 @@ def _show(args, view: str, options: dict) -> int:
     if node is not None:
         text = backend_view(node.backend, view, options)
     else:
-        text = request(_state_dir(args), "backend-view", view=view, options=options)["text"]
+        text = request(_state_dir(args), "backend-view", view=view, options=options, **live_fields(args))["text"]
     return _emit(text if text.endswith("\n") else text + "\n")
 
 
@@ -68,16 +68,17 @@ def cmd_ipvsadm(args) -> int:
 def register(sub) -> None:
     cil = sub.add_parser("cilium", help="the eBPF backend as the cilium CLI shows it",
                          usage="podnet cilium service list | bpf lb list [--revnat|--backends] | "
-                               "bpf ct list global   [-f FILE]...")
+                               "bpf ct list global   [-f FILE... | --node NAME]")
     cil.add_argument("words", nargs="+")
     cil.add_argument("--revnat", action="store_true", help="bpf lb list: the reverse NAT map")
     cil.add_argument("--backends", action="store_true", help="bpf lb list: the backends map")
     cil.add_argument("-f", "--file", action="append", help="manifest file (repeatable): offline")
     add_node_options(cil, offline=True)
+    add_node_choice(cil)
     cil.set_defaults(func=cmd_cilium)
 
     ipv = sub.add_parser("ipvsadm", help="the IPVS backend as ipvsadm shows it",
-                         usage="podnet ipvsadm -Ln [--stats|--rate] | -Lnc   [-f FILE]...")
+                         usage="podnet ipvsadm -Ln [--stats|--rate] | -Lnc   [-f FILE... | --node NAME]")
     ipv.add_argument("-L", "-l", "--list", dest="list", action="store_true")
     ipv.add_argument("-n", "--numeric", action="store_true", help="(always numeric)")
     ipv.add_argument("-c", "--connection", action="store_true", help="the connection table")
@@ -85,4 +86,5 @@ def register(sub) -> None:
     ipv.add_argument("--rate", action="store_true")
     ipv.add_argument("-f", "--file", action="append", help="manifest file (repeatable): offline")
     add_node_options(ipv, offline=True)
+    add_node_choice(ipv)
     ipv.set_defaults(func=cmd_ipvsadm)

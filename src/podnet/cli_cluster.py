@@ -8,7 +8,8 @@ node runs in the `podnet up` process around an embedded store (podnet.cluster_la
 `--store etcd://` `podnet up` runs the control plane and starts one `podnet node join` process per
 Node (podnet.cluster_procs), and ends them by pid when it stops. `podnet node join` runs one node of
 a cluster: it leases a subnet, registers, runs the pods the store places on it and programs its
-datapath from the store, until SIGTERM or Ctrl-C.
+datapath from the store, until SIGTERM or Ctrl-C, and serves its own control socket in its node
+directory (`<state_dir>/nodes/<node>/control.sock`), to which `podnet up` forwards `--node` requests.
 """
 
 from __future__ import annotations
@@ -73,19 +74,25 @@ async def serve_cluster(args, state_dir: str, on_ready) -> None:
 async def _join(args, config, spec) -> None:
     import trio
 
-    from podnet.cluster_node import open_cluster_node
+    from podnet.cluster_node import node_state_dir, open_cluster_node
+    from podnet.control import serve_until_stopped, socket_path
     from podnet.linux.underlay import attach_underlay
     from podnet.store import open_store
     underlay = attach_underlay(args.underlay)
     store = open_store(config.store)
     try:
+        # signals that come while the node starts wait here, and stop it once it is up
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with open_cluster_node(store, spec, config, underlay, wait_ready_s=args.timeout) as node:
-                pods = ", ".join(f"{p.key} {p.ip}" for p in node.lab.pods.values()) or "none"
-                print(f"podnet: node {spec.name} is up: {spec.ip} on {underlay.netns}, subnet {node.subnet}, "
-                      f"{config.network}; pods: {pods}", flush=True)
-                async for _ in signals:
-                    break
+                # its own control socket: `podnet stats --node NAME` and the like (podnet.control)
+                path = socket_path(node_state_dir(config.state_dir, spec.name))
+
+                def ready(lab) -> None:
+                    pods = ", ".join(f"{p.key} {p.ip}" for p in lab.pods.values()) or "none"
+                    print(f"podnet: node {spec.name} is up: {spec.ip} on {underlay.netns}, subnet {node.subnet}, "
+                          f"{config.network}; pods: {pods}; control socket {path}", flush=True)
+
+                await serve_until_stopped(node.lab, path, ready, signals=signals, node_process=True)
     finally:
         store.close()
 

@@ -7,6 +7,8 @@ the Service rules and the conntrack table, printed as the real tools print them.
                           --proto P --dst IP [--dport N] [--all-branches] [--json]
     podnet conntrack -L | -S | -C
 
+Without -f, each takes --node NAME: which node of a running cluster answers (default: the first).
+
 Layer: lab (the user's edge). Without -f the rules are the running lab's, asked over the control
 socket; with -f they are the ones the lab would program for those manifests (`podnet.offline`),
 computed without root and without bringing anything up, with the node options of `podnet up`.
@@ -57,6 +59,18 @@ def add_node_options(parser: argparse.ArgumentParser, *, offline: bool = False) 
                              "bridge: kubenet cbr0-style /24 pods on a learning bridge" + when)
 
 
+def add_node_choice(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """--node NAME: which node of a running cluster answers (podnet.control routes it). `nested`:
+    a subcommand's, which must not overwrite its parent's --node with a default."""
+    parser.add_argument("--node", metavar="NAME", default=argparse.SUPPRESS if nested else None,
+                        help="the node of a running cluster to ask (default: the first; a lab is one node)")
+
+
+def live_fields(args) -> dict:
+    """The request fields that pick the node: none unless --node was given."""
+    return {"node": args.node} if getattr(args, "node", None) else {}
+
+
 def node_config(args, **fields):
     """A LabConfig with the node options that were given, LabConfig's defaults for the others."""
     from podnet.core.datapath import NodeMode
@@ -83,11 +97,15 @@ def _state_dir(args) -> str:
 
 
 def _check_node_options(args, command: str) -> None:
-    """Node options describe the node the manifests of -f would make; anywhere else they are a mistake."""
+    """Node options describe the node the manifests of -f would make; anywhere else they are a mistake.
+    --node picks a running cluster's node: with -f (or --rules) there is none to pick."""
     given = [f"--{name.replace('_', '-')}" for name in NODE_OPTIONS if getattr(args, name, None) is not None]
     if given and not args.file:
         raise ConfigError(f"{command}: {', '.join(given)} only apply with -f (a running lab, or --rules, "
                           "has its own)")
+    if getattr(args, "node", None) and (args.file or getattr(args, "rules", None)):
+        raise ConfigError(f"{command}: --node picks a node of the running cluster; with -f or --rules "
+                          "nothing running is asked")
 
 
 def _offline_node(args, command: str):
@@ -112,7 +130,8 @@ def _emit(stdout: str, stderr: str = "", code: int = 0) -> int:
 def cmd_iptables_save(args) -> int:
     node = _offline_node(args, "iptables-save")
     if node is None:
-        reply = request(_state_dir(args), "iptables-save", table=args.table, counters=args.counters)
+        reply = request(_state_dir(args), "iptables-save", table=args.table, counters=args.counters,
+                        **live_fields(args))
         return _emit(reply["stdout"], reply["stderr"], reply["exit"])
     try:
         return _emit(inspection.save_rules(node.ruleset, args.table, counters=args.counters, header=time.ctime()))
@@ -131,7 +150,8 @@ def cmd_iptables(args) -> int:
     node = _offline_node(args, "iptables")
     if node is None:
         reply = request(_state_dir(args), "iptables-list", table=args.table, chain=chain, numeric=args.numeric,
-                        verbose=args.verbose, exact=args.exact, line_numbers=args.line_numbers)
+                        verbose=args.verbose, exact=args.exact, line_numbers=args.line_numbers,
+                        **live_fields(args))
         return _emit(reply["stdout"], reply["stderr"], reply["exit"])
     try:
         return _emit(inspection.list_rules(node.ruleset, args.table, chain, numeric=args.numeric,
@@ -211,7 +231,8 @@ def cmd_trace(args) -> int:
     inspection.first_packet(src=args.src, dst=args.dst, proto=proto, sport=args.sport, dport=args.dport or 0)
     if args.live:
         reply = request(_state_dir(args), "trace", src=args.src, sport=args.sport, proto=args.proto, dst=args.dst,
-                        dport=args.dport or 0, all_branches=args.all_branches, local_ips=args.local_ips)
+                        dport=args.dport or 0, all_branches=args.all_branches, local_ips=args.local_ips,
+                        **live_fields(args))
         outcomes, rules = reply["outcomes"], reply["rules"]
     else:
         outcomes, rules = _trace_offline(args)
@@ -225,7 +246,7 @@ def cmd_trace(args) -> int:
 # ---- conntrack ------------------------------------------------------------------------------
 
 def cmd_conntrack(args) -> int:
-    reply = request(_state_dir(args), "conntrack", what=args.what)
+    reply = request(_state_dir(args), "conntrack", what=args.what, **live_fields(args))
     for line in reply["lines"]:
         print(line)
     if args.what == "L":
@@ -244,10 +265,12 @@ def register(sub) -> None:
     save.add_argument("-c", "--counters", action="store_true", help="rule counters [packets:bytes]")
     save.add_argument("-f", "--file", action="append", help="manifest file (repeatable): offline")
     add_node_options(save, offline=True)
+    add_node_choice(save)
     save.set_defaults(func=cmd_iptables_save)
 
     ipt = sub.add_parser("iptables", help="list the rules (-L) or trace a packet through them (trace)",
-                         usage="podnet iptables [-t TABLE] -L [CHAIN] [-n] [-v] [-x] [--line-numbers] [-f FILE]...\n"
+                         usage="podnet iptables [-t TABLE] -L [CHAIN] [-n] [-v] [-x] [--line-numbers] "
+                               "[-f FILE... | --node NAME]\n"
                                "       podnet iptables trace -h",
                          description="Lists the rules as iptables -L does: the running lab's, or with -f "
                                      "those it would program for the manifests. Only -L: the rules are "
@@ -261,6 +284,7 @@ def register(sub) -> None:
     ipt.add_argument("--line-numbers", action="store_true")
     ipt.add_argument("-f", "--file", action="append", help="manifest file (repeatable): offline")
     add_node_options(ipt, offline=True)
+    add_node_choice(ipt)
     for short, long in UNSUPPORTED:
         ipt.add_argument(short, long, action=_OnlyList, dest=f"unsupported_{long[2:]}", help=argparse.SUPPRESS)
     ipt.set_defaults(func=cmd_iptables)
@@ -287,10 +311,12 @@ def register(sub) -> None:
                        help="explore both sides of every statistic match; list every outcome")
     trace.add_argument("--json", action="store_true", help='{"outcomes": [{"verdict", "destination", ...}]}')
     add_node_options(trace, offline=True)
+    add_node_choice(trace, nested=True)
 
     ct = sub.add_parser("conntrack", help="the running lab's conntrack table, as conntrack-tools prints it")
     what = ct.add_mutually_exclusive_group(required=True)
     what.add_argument("-L", "--dump", dest="what", action="store_const", const="L", help="list the entries")
     what.add_argument("-S", "--stats", dest="what", action="store_const", const="S", help="statistics")
     what.add_argument("-C", "--count", dest="what", action="store_const", const="C", help="number of entries")
+    add_node_choice(ct)
     ct.set_defaults(func=cmd_conntrack)

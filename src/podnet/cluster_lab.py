@@ -40,7 +40,8 @@ from podnet.cluster.topology import ClusterConfig, ClusterPlan, plan_cluster
 from podnet.cluster_node import ClusterNode, open_cluster_node
 from podnet.control_plane import ControlPlane, allocated
 from podnet.core.services.base import SyncReport
-from podnet.lab import PodState, exec_in_pod
+from podnet.errors import ConfigError
+from podnet.lab import Lab, PodState, exec_in_pod
 from podnet.linux.resources import Resources, state_dir_default
 from podnet.linux.underlay import Underlay, create_underlay, remove_underlay
 from podnet.store import Store, open_store
@@ -48,8 +49,9 @@ from podnet.runtime.background import run_in_background
 
 
 class Cluster:
-    """Running nodes. Datapath-level calls without a node (`statistics`, `backend`, `datapath`, the
-    control socket's inspection commands) answer for the first node; `set_backend` switches all."""
+    """Running nodes. Datapath-level calls without a node (`statistics`, `backend`, `datapath`)
+    answer for the first node; `set_backend` switches all. The control socket's per-node ops ask
+    `locate_node` for the node they name."""
 
     def __init__(self, config: ClusterConfig, plan: ClusterPlan, store: Store, control_plane: ControlPlane,
                  underlay: Underlay) -> None:
@@ -70,6 +72,13 @@ class Cluster:
             return self.nodes[name]
         except KeyError:
             raise KeyError(f"no node {name!r} (nodes: {', '.join(self.nodes)})") from None
+
+    def locate_node(self, name: str | None = None) -> Lab:
+        """Node `name`'s Lab (default: the first node's), for the control socket's per-node ops."""
+        try:
+            return self.node(name).lab
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
 
     def pod(self, name: str, namespace: str | None = None) -> PodState:
         found = []

@@ -36,6 +36,7 @@ from podnet.cluster.manifest import load_manifests
 from podnet.cluster.model import Manifests
 from podnet.cluster.topology import ClusterConfig, ClusterPlan, NodeSpec, plan_cluster
 from podnet.cluster_node import node_state_dir, release_dead_journals
+from podnet.control import RemoteNode, socket_path
 from podnet.control_plane import ControlPlane, allocated, pods_from_store
 from podnet.errors import ConfigError
 from podnet.linux.resources import Entry, Resources, state_dir_default
@@ -183,10 +184,36 @@ class ClusterProcesses:
                          "cluster_ip": svc.cluster_ip, "ports": ports})
         return rows
 
+    def locate_node(self, name: str | None = None) -> RemoteNode:
+        """Where node `name`'s process (default: the first node's) answers control requests: its
+        own control socket, in its node directory. A node whose process is gone is an error."""
+        name = name or self.plan.nodes[0].name
+        node = self.nodes.get(name)
+        if node is None:
+            try:
+                self.plan.node(name)
+            except KeyError as exc:   # the error lists the nodes
+                raise ConfigError(exc.args[0]) from None
+            raise ConfigError(f"node {name} has no process (it did not start)")
+        code = node.process.poll()
+        if code is not None:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+            raise ConfigError(f"node {name} is down: its process (pid {node.pid}) {how} (its log: {node.log_path})")
+        return RemoteNode(name, node.pid, socket_path(node_state_dir(self.config.state_dir, name)))
+
+    def node_of_pod(self, pod: str, namespace: str | None = None) -> str:
+        """The node the store places `pod` on (a blocking store read)."""
+        rows = [r for r in self.status() if r["name"] == pod and namespace in (None, r["namespace"])]
+        if len(rows) != 1:
+            where = f" in namespace {namespace!r}" if namespace else ""
+            raise ConfigError(f"trace: no pod {pod!r}{where}" if not rows else
+                              f"trace: pod {pod!r} exists in several namespaces; give one")
+        return rows[0]["node"]
+
     def __getattr__(self, name: str):
         if name in ("datapath", "backend", "statistics", "sync_summary", "conntrack_listing", "set_backend"):
-            raise ConfigError(f"{name}: each node of this cluster is a process of its own, with its own datapath; "
-                              "the control plane has none")
+            raise ConfigError(f"{name}: each node of this cluster is a process of its own, with its own datapath "
+                              "and control socket (`locate_node`); the control plane has none")
         raise AttributeError(name)
 
 

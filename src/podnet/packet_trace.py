@@ -12,7 +12,10 @@ follows every frame that trace would transmit:
   external client) leaves the cluster and the walk ends;
 - a drop ends the walk with its reason.
 
-It works on a `Lab` (one node) and on a `Cluster` (every node in this process).
+It works on a `Lab` (one node) and on a `Cluster` (every node in this process). A node process of
+a cluster (`podnet node join`) has only its own datapath: with `peers_elsewhere` a frame out the
+uplink to a unicast MAC is said to go on to another node, whose own process could trace it, instead
+of looking as if it left the cluster.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ def first_frame(proto: str, src_ip: str, src_mac: str, dst_ip: str, gateway_mac:
 
 
 def trace_from_pod(target, pod: str, dst: str, *, dport: int = 80, proto: str = "tcp", sport: int = 40000,
-                   namespace: str | None = None, now: float = 0.0) -> list[Hop]:
-    """Walk the first packet from `pod` to dst:dport through every node it crosses."""
+                   namespace: str | None = None, now: float = 0.0, peers_elsewhere: bool = False) -> list[Hop]:
+    """Walk the first packet from `pod` to dst:dport through every node it crosses (with
+    `peers_elsewhere`, through this one only: see the module)."""
     try:
         ipaddress.IPv4Address(dst)
     except ValueError:
@@ -117,6 +121,10 @@ def trace_from_pod(target, pod: str, dst: str, *, dport: int = 80, proto: str = 
                 target_ip = ".".join(str(b) for b in out[38:42])
                 hop.outputs.append(f"ARP who-has {target_ip} out {port.name}: the packet waits in {node}'s "
                                    f"neighbour queue until it is answered")
+            elif peers_elsewhere and port.kind is PortKind.UPLINK and out[:6] != BROADCAST:
+                hop.outputs.append(f"out {port.name} to {mac_str(out[:6])}: leaves {node} for another node; "
+                                   f"the trace stops here, as {node}'s process traces only its own datapath "
+                                   "(node processes: podnet up --store)")
             else:
                 what = "broadcast" if out[:6] == BROADCAST else mac_str(out[:6])
                 hop.outputs.append(f"out {port.name} to {what}: leaves {node}")

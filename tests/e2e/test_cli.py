@@ -37,6 +37,9 @@ def test_up_detached_exec_status_down(state_dir):
         assert missing.returncode == 1 and 'pods "nosuchpod" not found' in missing.stderr
         stats = json.loads(podnet(state_dir, "stats", "-o", "json").stdout)
         assert stats["fast_path_packets"] + stats["slow_path_packets"] > 0
+        assert stats["node"] == "node-1"
+        other = podnet(state_dir, "stats", "--node", "node-2", check=False)   # a lab is one node
+        assert other.returncode == 1 and "no node 'node-2': this lab is one node, node-1" in other.stderr
         again = podnet(state_dir, "up", "-d", "-f", DEMO, "--prefix", "pn-c1", check=False)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:

@@ -129,6 +129,7 @@ def test_the_nodes_show_what_flannel_would_program(three):
 
 
 def test_podnet_up_with_nodes_status_exec_and_down(state_dir):
+    import json
     from pathlib import Path
 
     from .clitools import netns_with, podnet
@@ -148,6 +149,28 @@ def test_podnet_up_with_nodes_status_exec_and_down(state_dir):
         assert bad.returncode != 0 and "no pod 'nosuch'" in bad.stderr
         bad = podnet(state_dir, "trace", "-n", "demo", "client", "10.244.3", check=False)
         assert bad.returncode != 0 and "is not an IPv4 address" in bad.stderr
+
+        # --node: web-2 -> web-3 crosses node-2 and node-3; node-1 (the default) sees none of it
+        got = podnet(state_dir, "exec", "-n", "demo", "web-2", "--", "curl", "-sS", "-m", "5", "--local-port", "45678",
+                     "http://10.244.3.2:8080/").stdout
+        assert got.strip() == "web-3 (from 10.244.2.2)"
+        flow = "src=10.244.2.2 dst=10.244.3.2 sport=45678 dport=8080"
+        listed = [podnet(state_dir, "conntrack", "-L", *node).stdout for node in ([], ["--node", "node-2"])]
+        assert flow not in listed[0] and flow in listed[1], listed
+        first, second = (json.loads(podnet(state_dir, "stats", "-o", "json", *node).stdout)
+                         for node in ([], ["--node", "node-2"]))
+        assert (first["node"], second["node"]) == ("node-1", "node-2") and first["pid"] == second["pid"]
+        assert [p["name"] for p in first["ports"]] == ["demo/client", "uplink"]
+        web2 = next(p for p in second["ports"] if p["name"] == "demo/web-2")
+        assert web2["rx_packets"] >= 5 and web2["tx_packets"] >= 5   # SYN, ACK, request, ACK, FIN; the replies
+        unknown = podnet(state_dir, "stats", "--node", "node-9", check=False)
+        assert unknown.returncode == 1 and "no node 'node-9' (nodes: node-1, node-2, node-3)" in unknown.stderr
+        # one node's backend switched: the others keep theirs, and each tool asks the node it names
+        assert "now ipvs on node-2" in podnet(state_dir, "backend", "set", "ipvs", "--node", "node-2").stdout
+        assert [podnet(state_dir, "backend", *node).stdout.strip() for node in ([], ["--node", "node-2"])] == [
+            "iptables", "ipvs"]
+        assert "  -> 10.244.3.2:8080" in podnet(state_dir, "ipvsadm", "-Ln", "--node", "node-2").stdout
+        assert "backend is iptables" in podnet(state_dir, "ipvsadm", "-Ln", check=False).stderr
     finally:
         podnet(state_dir, "down")
     assert netns_with("pn-mc-") == []
