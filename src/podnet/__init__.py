@@ -9,13 +9,31 @@ actions out), `podnet.runtime` serves it with trio, `podnet.linux` makes namespa
 `podnet.cluster` reads Kubernetes manifests, and `podnet.lab` puts them together.
 """
 
-from podnet.cluster.manifest import load_manifests, parse_manifests
-from podnet.cluster.model import Manifests
-from podnet.core.datapath import Datapath, Drop, NodeMode, PortKind, Transmit
-from podnet.errors import ConfigError, IPAMExhausted, PodnetError
-from podnet.lab import Lab, LabConfig, open_lab, run_lab
+import importlib
 
-__all__ = [
-    "ConfigError", "Datapath", "Drop", "IPAMExhausted", "Lab", "LabConfig", "Manifests", "NodeMode",
-    "PodnetError", "PortKind", "Transmit", "load_manifests", "open_lab", "parse_manifests", "run_lab",
-]
+# The names below load their modules on first use (PEP 562): `import podnet` alone stays cheap, so
+# the CLI's client commands (`podnet status`, `podnet stats`, ...) do not pay for pyroute2 and the
+# whole lab on every call.
+_LAZY = {
+    "load_manifests": "podnet.cluster.manifest", "parse_manifests": "podnet.cluster.manifest",
+    "Manifests": "podnet.cluster.model",
+    "Datapath": "podnet.core.datapath", "Drop": "podnet.core.datapath", "NodeMode": "podnet.core.datapath",
+    "PortKind": "podnet.core.datapath", "Transmit": "podnet.core.datapath",
+    "ConfigError": "podnet.errors", "IPAMExhausted": "podnet.errors", "PodnetError": "podnet.errors",
+    "Lab": "podnet.lab", "LabConfig": "podnet.lab", "open_lab": "podnet.lab", "run_lab": "podnet.lab",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'podnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
