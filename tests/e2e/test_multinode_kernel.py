@@ -11,7 +11,6 @@ capture of the bridge (podnet's UnderlayCapture) writes a pcap that tshark decod
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,23 +24,13 @@ from podnet.linux.netns import open_iproute, run_in_netns
 from podnet.linux.resources import Resources
 from podnet.linux.underlay import UnderlayCapture, add_veth_host
 from podnet.store.flannel import LeaseAttrs, acquire_subnet_lease, list_subnet_leases
+from podnet.testing.kernel_flannel import create_flannel_device
 
 from .cluster_pods import ASK, cluster
 
 pytestmark = pytest.mark.root
 
 K_IP, K_VTEP_MAC, K_SUBNET, K_POD = "172.18.0.20", "0e:00:ac:12:00:14", "10.244.9.0/24", "10.244.9.1"
-NUD_PERMANENT, NTF_SELF, RTNH_F_ONLINK = 0x80, 0x02, 4
-
-
-def _program_like_flanneld(ipr, flannel: FlannelNode, index: int) -> None:
-    for neigh in flannel.neighbours():
-        ipr.neigh("set", dst=neigh.ip, lladdr=neigh.lladdr, ifindex=index, state=NUD_PERMANENT)
-    for fdb in flannel.fdb():
-        ipr.neigh("set", family=socket.AF_BRIDGE, lladdr=fdb.lladdr, dst=fdb.dst, ifindex=index,
-                  state=NUD_PERMANENT, flags=NTF_SELF)
-    for route in flannel.routes():
-        ipr.route("replace", dst=route.dst, gateway=route.via, oif=index, flags=RTNH_F_ONLINK)
 
 
 @pytest.fixture
@@ -60,16 +49,11 @@ def with_kernel_node(tmp_path):
             if peer.attrs.public_ip != K_IP:
                 flannel.add_lease(Lease(str(peer.subnet), peer.attrs.public_ip, peer.attrs.vtep_mac))
         with open_iproute(k) as ipr:
-            eth0 = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=eth0, address=K_IP, prefixlen=24)
-            ipr.link("add", ifname="flannel.1", kind="vxlan", vxlan_id=1, vxlan_local=K_IP, vxlan_link=eth0,
-                     vxlan_learning=0, vxlan_port=4789, address=K_VTEP_MAC, mtu=flannel.mtu)
-            vx = ipr.link_lookup(ifname="flannel.1")[0]
-            ipr.addr("add", index=vx, address=own.gateway, prefixlen=32)
-            ipr.link("set", index=vx, state="up")
+            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=K_IP, prefixlen=24)
             # the kernel node's "pod": an address of its own subnet (no dummy module here: on lo)
             ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=K_POD, prefixlen=32)
-            _program_like_flanneld(ipr, flannel, vx)
+        # flannel.1 and its entries, on the port the podnet nodes' VTEPs use
+        create_flannel_device(k, flannel, "eth0", port=config.vxlan_port)
         # the podnet nodes saw the kernel node's lease
         deadline = time.monotonic() + 10
         while not all(K_SUBNET in c.call(lambda n=n: set(n.peers)) for n in c.cluster.nodes.values()):
@@ -87,6 +71,10 @@ def test_a_kernel_vxlan_node_and_podnet_nodes_route_to_each_other(with_kernel_no
     assert [str(r) for r in flannel.routes()] == [
         "10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink", "10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink",
         "10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+    # the kernel node holds them as flanneld's netlink library writes them: proto boot
+    held = _run(k, ["ip", "-d", "route", "show", "dev", "flannel.1"]).splitlines()
+    assert [line.strip() for line in held] == [f"unicast {r.dst} via {r.via} proto boot scope global onlink"
+                                               for r in flannel.routes()]
     assert any("10.244.9.0/24 via 10.244.9.0 dev flannel.1 onlink" == line
                for line in c.show("node-1")["ip route show dev flannel.1"])
     pcap = tmp_path / "underlay.pcap"

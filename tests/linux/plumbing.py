@@ -3,7 +3,8 @@
 Job: the namespaces, bridges, veth pairs, TAPs and Flannel-style vxlan devices that the kernel
 interop tests stand podnet between, made with podnet's own linux helpers wherever one does the job
 (`create_underlay` and `open_uplink` for a bridge and the TAPs on it, `add_veth_host` for a
-namespace on that bridge, `plumb_pod` for a pod's eth0), and the few steps those do not cover.
+namespace on that bridge, `plumb_pod` for a pod's eth0, podnet.testing.kernel_flannel for a vxlan
+device as flanneld makes one), and the few steps those do not cover.
 
 Invariants:
 - Every name carries the test's prefix (`lab.name`), and every namespace, and every link that
@@ -23,21 +24,21 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from podnet.core.overlay import FlannelNode
 from podnet.linux.names import tap_name
-from podnet.linux.netns import create_netns, open_iproute, set_sysctl
+from podnet.linux.netns import create_netns, open_iproute
 from podnet.linux.pod import plumb_pod
 from podnet.linux.resources import Resources
 from podnet.linux.tap import Tap, open_tap
 from podnet.linux.underlay import Underlay, add_veth_host, create_underlay, open_uplink
+from podnet.testing.kernel_flannel import RTNH_F_ONLINK, RTPROT_BOOT, create_flannel_device
 
-# include/uapi/linux: neighbour states and flags, route flags and protocols
-NUD_PERMANENT, NTF_SELF, RTNH_F_ONLINK, RTPROT_BOOT = 0x80, 0x02, 4, 3
+__all__ = ["RTNH_F_ONLINK", "RTPROT_BOOT", "Plumbing", "add_address", "add_route", "link_mac", "read_frames",
+           "set_up"]
 
 C = TypeVar("C", bound=contextlib.AbstractContextManager)
 
@@ -69,10 +70,7 @@ class Plumbing:
         """A journalled namespace named `<prefix><what><n>`; its name."""
         name = self.lab.name(what)
         self.resources.record_netns(name)
-        create_netns(name)
-        if not ipv6:
-            for scope in ("all", "default"):
-                set_sysctl(name, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
+        create_netns(name, ipv6=ipv6)
         return name
 
     def add_bridge(self, what: str) -> Underlay:
@@ -112,25 +110,14 @@ class Plumbing:
         return name, peer
 
     def add_flannel_vxlan(self, ns: str, node: FlannelNode, link: str, *, port: int | None) -> None:
-        """`node.device` in `ns` as flanneld's newVXLANDevice makes flannel.1 over `link` (VNI, `local`,
-        nolearning, the lease's VTEP MAC, the tunnel MTU, the lease's network address /32, up), holding
-        the entries `node` renders for its remote leases. flanneld sets no UDP checksum, TTL, DF or port
-        range, so the kernel's defaults; `port=None` leaves out the port too (the kernel's 8472)."""
+        """`node.device` in `ns` over `link`, journalled, as flanneld makes flannel.1, with the
+        neighbour, FDB entry and route of each remote lease `node` knows
+        (podnet.testing.kernel_flannel); `port=None` leaves out the port (the kernel's 8472)."""
         self.resources.record_link(node.device, netns=ns)
-        own = node.own
-        with open_iproute(ns) as ipr:
-            spec = dict(ifname=node.device, kind="vxlan", vxlan_id=own.vni, vxlan_local=own.public_ip,
-                        vxlan_link=_index(ipr, link), vxlan_learning=0, address=own.vtep_mac, mtu=node.mtu)
-            if port is not None:
-                spec["vxlan_port"] = port
-            ipr.link("add", **spec)
-            vx_index = _index(ipr, node.device)
-            ipr.addr("add", index=vx_index, address=own.gateway, prefixlen=32)
-            ipr.link("set", index=vx_index, state="up")
-            program_like_flanneld(ipr, node, vx_index)
+        create_flannel_device(ns, node, link, port=port)
 
 
-# ---- addresses, routes and flanneld's entries ----------------------------------------------------
+# ---- addresses and routes ------------------------------------------------------------------------
 
 def _index(ipr, ifname: str) -> int:
     return ipr.link_lookup(ifname=ifname)[0]
@@ -161,18 +148,6 @@ def link_mac(ns: str, ifname: str) -> str:
     """The MAC address of `ifname` in `ns`, as ip(8) prints it."""
     with open_iproute(ns) as ipr:
         return ipr.link("get", index=_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
-
-
-def program_like_flanneld(ipr, node: FlannelNode, vx_index: int) -> None:
-    """flanneld's AddARP, AddFDB and RouteReplace (vxlan_network.go), from FlannelNode's entries."""
-    for neigh in node.neighbours():
-        ipr.neigh("set", dst=neigh.ip, lladdr=neigh.lladdr, ifindex=vx_index, state=NUD_PERMANENT)
-    for fdb in node.fdb():
-        ipr.neigh("set", family=socket.AF_BRIDGE, lladdr=fdb.lladdr, dst=fdb.dst, ifindex=vx_index,
-                  state=NUD_PERMANENT, flags=NTF_SELF)
-    for route in node.routes():
-        ipr.route("replace", dst=route.dst, gateway=route.via, oif=vx_index, flags=RTNH_F_ONLINK,
-                  proto=RTPROT_BOOT)
 
 
 # ---- reading what a TAP hands up -----------------------------------------------------------------

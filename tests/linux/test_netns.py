@@ -90,3 +90,19 @@ def test_popen_in_netns_runs_there_in_its_own_session(lab):
         assert [line.split(":")[1].strip() for line in out.splitlines()] == ["lo"]
     finally:
         delete_netns(name)
+
+
+def test_create_netns_can_turn_ipv6_off_for_every_device(lab):
+    off, on = lab.name(), lab.name()
+    create_netns(off, ipv6=False)
+    try:
+        create_netns(on)
+        for scope in ("all", "default", "lo"):
+            assert get_sysctl(off, f"net/ipv6/conf/{scope}/disable_ipv6") == "1", scope
+            assert get_sysctl(on, f"net/ipv6/conf/{scope}/disable_ipv6") == "0", scope
+        # a device made (or moved in) afterwards takes `default`: no router solicitation from it
+        run_in_netns(off, subprocess.run, ["ip", "link", "add", "v0", "type", "veth", "peer", "v1"], check=True)
+        assert get_sysctl(off, "net/ipv6/conf/v0/disable_ipv6") == "1"
+    finally:
+        delete_netns(off)
+        delete_netns(on)

@@ -60,20 +60,35 @@ def list_netns(prefix: str = "") -> list[str]:
     return sorted(n for n in _pr_netns.listnetns() if n.startswith(prefix))
 
 
-def create_netns(name: str) -> None:
-    """Create netns `name`; FileExistsError if it exists (it may belong to another lab)."""
+def create_netns(name: str, *, ipv6: bool = True) -> None:
+    """Create netns `name`; FileExistsError if it exists (it may belong to another lab).
+
+    `ipv6=False`: IPv6 is off in it before any device is (`all` and `default` disable_ipv6, so lo
+    and every device made or moved in later): no router solicitations or MLD reports on its links.
+    """
     if netns_exists(name):
         raise FileExistsError(
             f"netns {name!r} already exists (a running lab, or leftovers for `podnet clean`)"
         )
     try:
         _pr_netns.create(name)
+        if not ipv6:
+            _disable_ipv6(name)
     except FileExistsError:
         raise
     except BaseException:
-        # a half-made netns (file without mount) would block the next create
+        # a half-made netns (file without mount) would block the next create; one with IPv6 still
+        # on is not what was asked for
         delete_netns(name)
         raise
+
+
+def _disable_ipv6(name: str) -> None:
+    for scope in ("all", "default"):
+        try:
+            set_sysctl(name, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
+        except FileNotFoundError:
+            return  # a kernel without IPv6: nothing to turn off
 
 
 def delete_netns(name: str) -> bool:

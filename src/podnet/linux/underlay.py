@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
 import threading
@@ -32,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from podnet.linux import names
-from podnet.linux.netns import create_netns, delete_netns, netns_exists, open_iproute, run_in_netns, set_sysctl
+from podnet.linux.netns import create_netns, delete_netns, netns_exists, open_iproute, run_in_netns
 from podnet.linux.resources import Entry, Resources
 from podnet.linux.tap import Tap, open_tap
 
@@ -59,10 +58,7 @@ def create_underlay(resources: Resources, netns: str | None = None) -> tuple[Und
     netns = netns or underlay_netns(resources.prefix)
     entry = resources.record_netns(netns)
     try:
-        create_netns(netns)
-        for scope in ("all", "default"):
-            with contextlib.suppress(FileNotFoundError):
-                set_sysctl(netns, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
+        create_netns(netns, ipv6=False)
         with open_iproute(netns) as ipr:
             ipr.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
             index = ipr.link_lookup(ifname=BRIDGE)[0]
@@ -111,10 +107,7 @@ def add_veth_host(underlay: Underlay, resources: Resources, netns: str, *, ifnam
     up and without an address: the caller gives it one (a kernel node, an external client)."""
     entry = resources.record_netns(netns)
     try:
-        create_netns(netns)
-        for scope in ("all", "default"):
-            with contextlib.suppress(FileNotFoundError):
-                set_sysctl(netns, f"net/ipv6/conf/{scope}/disable_ipv6", 1)
+        create_netns(netns, ipv6=False)
         peer = names.link_name(netns, kind=names.KIND_VETH, prefix=resources.prefix)
         with open_iproute(netns) as ipr:
             ipr.link("add", ifname=ifname, kind="veth", peer=peer)
