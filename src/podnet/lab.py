@@ -426,8 +426,12 @@ class Lab:
         if ipaddress.IPv4Address(self.config.node_ip) not in net:
             raise ConfigError(f"LabConfig.node_ip {self.config.node_ip} is not in uplink_cidr {net}")
         client_ip = str(net.network_address + 1)
-        self.resources.record_netns(netns)
-        create_netns(netns)
+        entry = self.resources.record_netns(netns)
+        try:
+            create_netns(netns)
+        except FileExistsError:   # another lab's external client: its namespace stays
+            self.resources.forget(entry)
+            raise
         tap = open_tap(names.tap_name("uplink", self.config.prefix), vnet_hdr=self.config.vnet_hdr,
                        offloads=self.config.offloads)
         self._taps.append(tap)

@@ -64,6 +64,9 @@ def create_underlay(resources: Resources, netns: str | None = None) -> tuple[Und
             index = ipr.link_lookup(ifname=BRIDGE)[0]
             ipr.link("set", index=index, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    except FileExistsError:   # another run's namespace of that name: not ours to delete
+        resources.forget(entry)
+        raise
     except BaseException:
         delete_netns(netns)
         resources.forget(entry)
@@ -118,6 +121,9 @@ def add_veth_host(underlay: Underlay, resources: Resources, netns: str, *, ifnam
             index = ipr.link_lookup(ifname=peer)[0]
             ipr.link("set", index=index, master=ipr.link_lookup(ifname=underlay.bridge)[0])
             ipr.link("set", index=index, state="up")
+    except FileExistsError:   # another run's namespace of that name: not ours to delete
+        resources.forget(entry)
+        raise
     except BaseException:
         delete_netns(netns)
         resources.forget(entry)
