@@ -75,14 +75,16 @@ def start_container(lab: Lab, state: PodState, cs: ContainerState) -> None:
     c = cs.container
     lab.log_dir.mkdir(parents=True, exist_ok=True)
     cs.log_path = str(lab.log_dir / f"{state.namespace}_{state.name}_{c.name}.log")
+    # a fresh tracker (not ready) before the process exists: the lab's thread reads `ready` while
+    # this one runs, and a running container with no tracker yet would count as Ready unprobed
+    if c.readiness_probe is not None:
+        cs.readiness = ReadinessTracker(c.readiness_probe)
     with open(cs.log_path, "ab") as logf:
         cs.process = popen_in_netns(state.netns, list(c.command) + list(c.args),
                                     env=lab.container_env(state, c), cwd=c.working_dir or None,
                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
     cs.journal = lab.resources.record_process(cs.process.pid, name=f"{state.name}/{c.name}")
     cs.exit_code = None
-    if c.readiness_probe is not None:
-        cs.readiness = ReadinessTracker(c.readiness_probe)
 
 
 async def supervise(lab: Lab, state: PodState, cs: ContainerState) -> None:

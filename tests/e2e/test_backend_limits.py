@@ -38,7 +38,8 @@ def test_a_full_bpf_map_refuses_a_new_service_and_the_others_keep_working(tmp_pa
         lab.wait_synced()    # the pods are ready; wait for the sync that programs their endpoints
         summary = trio_call(lab, lab.lab.sync_summary)
         syncs = trio_call(lab, lambda: [(r.objects_written, r.detail.get("failed")) for r in lab.lab.syncs])
-        assert len(summary["failed"]) == 1, (syncs, trio_call(lab, lab.lab.backend.errors))
+        ready = trio_call(lab, lambda: {p.name: p.ready for p in lab.lab.pods.values()})
+        assert len(summary["failed"]) == 1, (syncs, ready, trio_call(lab, lambda: lab.lab.backend.errors))
         failure = summary["failed"][0]
         assert "lb4_services_v2" in failure and "map is full" in failure and "E2BIG" in failure
         assert summary["backend_stats"]["map_full_errors"] >= 1
