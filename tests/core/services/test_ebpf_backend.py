@@ -3,6 +3,7 @@ ranges, full maps, O(1) updates, conntrack hand-off, socket-LB and XDP. No root,
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -287,6 +288,36 @@ def test_one_endpoint_change_writes_the_same_few_entries_for_10_or_1000_services
         results.append((report.objects_written, report.detail["services_examined"]))
         assert b.sync(services, full=True).objects_written == 0     # a full resync finds nothing to write
     assert results == [(written, 1), (written, 1)]
+
+
+def test_a_partial_sync_of_a_rebuilt_but_equal_view_touches_nothing():
+    b = make()
+    services = _services(50)
+    b.sync(services)
+    entries = dict(b.maps.services.items())
+    rebuilt = [dataclasses.replace(s) for s in services]     # what a new view of the same cluster is
+    for view in (services, rebuilt):
+        report = b.sync(view, full=False)
+        assert (report.services, report.objects_written, report.detail["services_examined"]) == (50, 0, 0)
+    assert dict(b.maps.services.items()) == entries
+
+
+@pytest.mark.parametrize("view", ["renamed", "duplicate"])
+def test_a_service_missing_from_a_view_of_the_same_size_is_removed(view):
+    b = make()
+    a, gone, other = _services(3)
+    b.sync([a, gone])
+    if view == "renamed":      # as many Services as before, one of them new
+        services = [a, other]
+    else:                      # as many entries as before, one Service twice (the last one counts)
+        services = [a, svc(a.name, a.cluster_ip, *a.endpoints[:1])]
+    report = b.sync(services, full=False)
+    assert not b.decide(syn(CLIENT, gone.cluster_ip), NOW).is_service
+    assert b.decide(syn(CLIENT, a.cluster_ip), NOW).is_service
+    if view == "renamed":
+        assert report.services == 2 and b.decide(syn(CLIENT, other.cluster_ip), NOW).is_service
+    else:
+        assert report.services == 1 and len(b.maps.backends) == 1
 
 
 def test_slots_stay_put_when_a_backend_leaves():

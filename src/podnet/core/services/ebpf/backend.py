@@ -39,6 +39,8 @@ What the userspace analogue reproduces, and what it cannot
 Rules this module keeps
 - The first sync is full; later ones, with partial_sync, touch only Services whose
   ProxyServicePort changed (and retry ones that failed). Every sync writes only changed entries.
+  An unchanged Service is recognised by identity first (the lab hands unchanged ports over as
+  the same objects), by equality otherwise.
 - A Service that does not fit (a full map: E2BIG; the id space) is reported in the SyncReport
   (`detail["failed"]`), counted (`map_full_errors`), left out — its previous version, if any, stays
   installed — and retried on every later sync; every other Service keeps working.
@@ -67,6 +69,12 @@ __all__ = ["EbpfBackend"]
 
 def _ip(text) -> int:
     return text if isinstance(text, int) else int(ipaddress.IPv4Address(text))
+
+
+def _diff_key(svc: ProxyServicePort) -> str:
+    """"ns/name:port/PROTO": one string per Service port (no part may hold '/' or ':'), which the
+    garbage collector does not track, unlike the agent's tuple key."""
+    return f"{svc.namespace}/{svc.name}:{svc.port_name}/{svc.protocol}"
 
 
 class EbpfBackend(ServiceBackend):
@@ -114,8 +122,8 @@ class EbpfBackend(ServiceBackend):
                                no_backend_response)
         self.programs = Programs(self.maps, self.ct, config, self.rng, self.prefilter)
         self.agent = Agent(self.maps, node_ips=nodes, algorithm=algorithm, maglev_seed=maglev_seed.murmur)
-        self._last: dict[tuple, ProxyServicePort] = {}
-        self._failed: dict[tuple, str] = {}
+        self._last: dict[str, ProxyServicePort] = {}     # _diff_key -> the version last applied
+        self._failed: dict[str, str] = {}                # _diff_key -> why it is not (fully) installed
         self._open: dict[int, OpenFlow] = {}
         self._open_by_key: dict[bytes, int] = {}     # CT key or reverse_sk key -> open flow
         self._opened_at: dict[int, float] = {}
@@ -130,35 +138,47 @@ class EbpfBackend(ServiceBackend):
     # ---- control plane ----------------------------------------------------------------------------
 
     def sync(self, services: Iterable[ProxyServicePort], *, full: bool = True) -> SyncReport:
-        services = list(services)
         full = full or not self.partial_sync or self.syncs == 0
-        wanted = {service_key(s): s for s in services}
-        gone = [k for k in self._last if k not in wanted]
-        if full:
-            todo = list(wanted)
-        else:
-            todo = [k for k, s in wanted.items() if self._last.get(k) != s or k in self._failed]
+        last, retry = self._last, self._failed
+        # One pass over the view, in the datapath's thread: an unchanged Service costs a string
+        # key, a dict probe and an identity check (equality only for a new but equal object), and
+        # leaves nothing the garbage collector tracks behind it; 10,000 live tuple keys would set
+        # off young collections mid-sync and bring the next full one (over all of CT) closer.
+        view: dict[str, ProxyServicePort] = {}
+        todo: dict[str, None] = {}            # changed or failed before, in the view's order
+        new = False
+        for svc in services:
+            name = _diff_key(svc)
+            view[name] = svc
+            prev = last.get(name)
+            if prev is None:
+                new = True
+                todo[name] = None
+            elif full or (prev is not svc and prev != svc) or name in retry:
+                todo[name] = None
+        # the same keys, or some are gone: only a view with new keys or another size can lack one
+        gone = [name for name in last if name not in view] if new or len(view) != len(last) else []
         written = 0
         failed: list[str] = []
-        for key in gone:
-            written += self.agent.apply(key, None)
-            self._last.pop(key, None)
-            self._failed.pop(key, None)
-        for key in todo:
-            svc = wanted[key]
+        for name in gone:
+            written += self.agent.apply(service_key(last[name]), None)
+            del last[name]
+            self._failed.pop(name, None)
+        for name in todo:
+            svc = view[name]
             try:
-                written += self.agent.apply(key, svc)
-                self._failed.pop(key, None)
+                written += self.agent.apply(service_key(svc), svc)
+                self._failed.pop(name, None)
             except LimitExceeded as exc:
-                self._failed[key] = str(exc)
+                self._failed[name] = str(exc)       # retried on every later sync
                 failed.append(str(exc))
                 if isinstance(exc, MapFull):
                     self.map_full_errors += 1
                 else:
                     self.limit_errors += 1
-            self._last[key] = svc
+            last[name] = svc
         self.syncs += 1
-        report = SyncReport(full=full, services=len(services), objects_written=written,
+        report = SyncReport(full=full, services=len(view), objects_written=written,
                             objects_total=self.maps.control_plane_entries(),
                             detail={"services_examined": len(todo) + len(gone), "failed": failed,
                                     "map_full_errors": self.map_full_errors,
