@@ -47,7 +47,7 @@ from podnet.core.conntrack import Conntrack
 from podnet.core.datapath import Datapath, NodeMode, PortKind
 from podnet.core.ipam import DiskStore, MemoryStore, Pool
 from podnet.core.packet import ip_int
-from podnet.core.services.base import SyncReport
+from podnet.core.services.base import ProxyServicePort, SyncReport
 from podnet.core.services.registry import backend_class
 from podnet.proxier import proxy_service_ports
 from podnet.deployments import DeploymentController, RolloutReport
@@ -205,6 +205,7 @@ class Lab:
         self.backend = self._make_backend(config.backend)
         self.datapath.set_backend(self.backend)
         self.syncs: list[SyncReport] = []
+        self._view: dict[tuple, ProxyServicePort] = {}   # the sync loop's last view, by Service port
         self._endpoints_changed = trio.Event()
         self._synced_generation = -1
         self._generation = 0
@@ -257,6 +258,22 @@ class Lab:
         """kube-proxy's view of every Service port (pure: may run in a worker thread)."""
         return proxy_service_ports(self.manifests.services, self._slices(pods, status), self.config.node_name)
 
+    def _proxy_ports_reusing(self, pods: list[Pod], status: dict[str, PodStatus], previous: dict):
+        """`_proxy_ports`, with the previous view's object for every Service port that did not
+        change (worker thread). The backends' diff runs in the datapath's thread and skips a port
+        it already holds by identity; an equal new object would cost it a field-by-field compare
+        per Service (10 ms at 10,000 Services for ebpf, 30 for ipvs). Returns the view, by key."""
+        ports: list[ProxyServicePort] = []
+        view: dict[tuple, ProxyServicePort] = {}
+        for port in self._proxy_ports(pods, status):
+            key = (port.namespace, port.name, port.port_name, port.protocol)
+            old = previous.get(key)
+            if old is not None and old == port:
+                port = old
+            ports.append(port)
+            view[key] = port
+        return ports, view
+
     def endpoint_slices(self):
         """The EndpointSlices the controller derives now, plus those the manifests give."""
         return self._slices(*self._pod_snapshot())
@@ -274,8 +291,11 @@ class Lab:
         and only the backend's sync runs in the datapath's thread, which waits for it."""
         generation, started = self._generation, time.perf_counter()
         snapshot = self._pod_snapshot()
-        ports = await trio.to_thread.run_sync(self._proxy_ports, *snapshot, abandon_on_cancel=True)
-        return self._apply(ports, full, generation, started, time.perf_counter())
+        ports, view = await trio.to_thread.run_sync(self._proxy_ports_reusing, *snapshot, self._view,
+                                                    abandon_on_cancel=True)
+        report = self._apply(ports, full, generation, started, time.perf_counter())
+        self._view = view
+        return report
 
     def _apply(self, ports, full: bool, generation: int, started: float, built: float) -> SyncReport:
         report = self.backend.sync(ports, full=full)
