@@ -93,17 +93,14 @@ def derive_endpoint_slices(services: Iterable[Service], pods: Iterable[Pod],
     if not 1 <= max_endpoints_per_slice <= MAX_ENDPOINTS_PER_SLICE:
         raise ConfigError(f"max_endpoints_per_slice: must be an integer between 1 and "
                           f"{MAX_ENDPOINTS_PER_SLICE}, got {max_endpoints_per_slice!r}")
-    ordered = sorted(pods, key=lambda pod: (pod.namespace, pod.name))
+    pod_index = _PodIndex(pods, pod_status)
     slices: list[EndpointSlice] = []
     taken: set[tuple[str, str]] = set()  # (namespace, slice name)
     for service in services:
         if service.selector is None:
             continue
         groups: dict[tuple[EndpointPort, ...], list[Endpoint]] = {}
-        for pod in ordered:
-            status = pod_status.get(pod.key)
-            if pod.namespace != service.namespace or status is None or status.ip is None:
-                continue
+        for pod, status in pod_index.candidates(service.namespace, service.selector):
             if all(pod.meta.labels.get(k) == v for k, v in service.selector.items()):
                 resolved = (_endpoint_port(service_port, pod) for service_port in service.ports)
                 ports = tuple(port for port in resolved if port is not None)
@@ -116,6 +113,31 @@ def derive_endpoint_slices(services: Iterable[Service], pods: Iterable[Pod],
                               _slice_labels(service))
             slices.append(EndpointSlice(meta, "IPv4", tuple(endpoints), ports))
     return tuple(slices)
+
+
+class _PodIndex:
+    """The pods that can be endpoints (those with an IP), in (namespace, name) order, indexed by
+    namespace and by label: a Service's selector is matched against the pods carrying its rarest
+    label pair instead of every pod, so deriving every slice is not O(Services x Pods)."""
+
+    def __init__(self, pods: Iterable[Pod], pod_status: Mapping[str, PodStatus]) -> None:
+        self.by_namespace: dict[str, list[tuple[Pod, PodStatus]]] = {}
+        self.by_label: dict[tuple[str, str, str], list[tuple[Pod, PodStatus]]] = {}
+        for pod in sorted(pods, key=lambda pod: (pod.namespace, pod.name)):
+            status = pod_status.get(pod.key)
+            if status is None or status.ip is None:
+                continue
+            entry = (pod, status)
+            self.by_namespace.setdefault(pod.namespace, []).append(entry)
+            for key, value in pod.meta.labels.items():
+                self.by_label.setdefault((pod.namespace, key, value), []).append(entry)
+
+    def candidates(self, namespace: str, selector: Mapping[str, str]) -> list[tuple[Pod, PodStatus]]:
+        """A superset of the pods `selector` matches in `namespace`, in order (an empty selector
+        matches every pod there)."""
+        if not selector:
+            return self.by_namespace.get(namespace, [])
+        return min((self.by_label.get((namespace, key, value), []) for key, value in selector.items()), key=len)
 
 
 def _endpoint_port(service_port: ServicePort, pod: Pod) -> EndpointPort | None:
