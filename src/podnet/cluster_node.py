@@ -4,14 +4,16 @@ Layer: lab. `open_cluster_node` does on one node what flanneld, the kubelet and 
 against the store (`podnet.store`: embedded in this process, or etcd shared by node processes):
 
     flanneld    read the network config; lease a subnet (acquire_subnet_lease: a restarted node gets
-                its old subnet back, the lease is found by its PublicIP); keep it renewed; watch
-                every other node's lease and program the datapath from it - direct (host-gw): the
-                route `<subnet> via <PublicIP>` on the uplink; vxlan: the tunnel port's neighbour,
-                FDB entry and route (core/internode), with pods on the tunnel's MTU (1450)
+                its old subnet back, the lease is found by its PublicIP); keep it renewed, through
+                store outages; watch every other node's lease and program the datapath from it -
+                direct (host-gw): the route `<subnet> via <PublicIP>` on the uplink; vxlan: the
+                tunnel port's neighbour, FDB entry and route (core/internode), with pods on the
+                tunnel's MTU (1450); a lease it cannot read is logged, counted and skipped
     kubelet     register the Node under a lease with a heartbeat (store.nodes); run the pods the
                 store places on this node (spec.nodeName): a Lab with this node's name, pod CIDR
                 and underlay address; report each pod's IP, readiness and termination as its
-                status; start pods placed here later and delete the ones whose key goes
+                status; start pods placed here later and delete the ones whose key goes, watching
+                from the very listing the Lab's pods came from (nothing in between is missed)
     kube-proxy  watch Services and EndpointSlices - every endpoint in the cluster, `is_local` for
                 this node's own - and sync the Lab's Service backend from them
 
@@ -24,7 +26,10 @@ survive a crash), so pods come back with the same addresses.
 
 Invariants:
 - Only this node's pods are in its Lab; every other pod is reached through routes the leases made.
-- Pod status in the store is written by the pod's node alone, and only when it changes.
+- Pod status in the store is written by the pod's node alone, only when it changes, and never
+  re-creates the key of a pod that was deleted.
+- `slices_revision` is a revision the Service view has every change up to: `wait_synced(R)`
+  returns only once both the Services and the EndpointSlices are there.
 - Leaving (cancellation, an error) deregisters the node, then tears the Lab down. The subnet lease
   stays, as flanneld leaves it, for the node's next start.
 """
@@ -43,7 +48,7 @@ from pathlib import Path
 import trio
 
 from podnet.cluster.endpoints import PodStatus
-from podnet.cluster.model import Deployment, Manifests
+from podnet.cluster.model import BUILTIN_NAMESPACES, Deployment, Manifests
 from podnet.cluster.service import EndpointSlice
 from podnet.cluster.topology import ClusterConfig, NodeSpec
 from podnet.core.datapath import NodeMode
@@ -55,17 +60,19 @@ from podnet.linux.resources import Resources, process_matches
 from podnet.linux.tap import Tap
 from podnet.linux.underlay import Underlay, open_uplink
 from podnet.runtime.ports import FdPort
-from podnet.store import EventType, KeyValue, Store
+from podnet.store import Event, EventType, KeyValue, RevisionConflict, Store, StoreUnavailable
 from podnet.store.flannel import (LeaseAttrs, SubnetLease, acquire_subnet_lease, keep_subnet_lease,
-                                  lease_from_kv, parse_subnet_key, read_network_config, renew_subnet_lease,
+                                  parse_lease, parse_subnet_key, read_network_config, renew_subnet_lease,
                                   SUBNETS_PREFIX)
-from podnet.store.informer import Reflector
+from podnet.store.informer import Reflector, back_off
 from podnet.store.nodes import keep_node_registered
-from podnet.store.objects import decode, encode, kind_prefix, object_key
+from podnet.store.objects import decode, encode, key_of, kind_prefix, object_key, parse_key
 
 log = logging.getLogger(__name__)
 
 _JOURNAL = re.compile(r"podnet-(\d+)-(\d+)\.json$")
+_STATUS_RETRIES = 10      # compare-and-swap tries for one pod status write
+_CATCH_UP_POLL_S = 0.05   # wait_synced: how often a lagging Service view is checked against a listing
 
 
 def node_state_dir(state_dir: str, node: str) -> str:
@@ -105,10 +112,12 @@ class ClusterNodeLab(Lab):
 
 
 class ClusterNode:
-    """A running node of a cluster (see the module). `lab` is its Lab; `lease` its subnet lease."""
+    """A running node of a cluster (see the module). `lab` is its Lab; `lease` its subnet lease.
+    `pods` is the kubelet's pod source: the Reflector whose listing the Lab's first pods came from
+    (None: a fresh one, whose first listing starts the pods the Lab lacks)."""
 
     def __init__(self, store: Store, spec: NodeSpec, config: ClusterConfig, lab: ClusterNodeLab,
-                 lease: SubnetLease, underlay: Underlay) -> None:
+                 lease: SubnetLease, underlay: Underlay | None, *, pods: Reflector | None = None) -> None:
         self.store = store
         self.spec = spec
         self.config = config
@@ -118,9 +127,17 @@ class ClusterNode:
         self.uplink_port: int | None = None
         self.tunnel_port: int | None = None
         self.peers: dict[str, SubnetLease] = {}       # other nodes' leases, by subnet
+        self.bad_leases: dict[str, str] = {}          # lease keys not programmed now, and why
+        self.leases_skipped = 0                       # lease events skipped as unreadable, in all
         self.slices_revision = 0                      # the store revision the Service view is at
         self._tap: Tap | None = None
         self._starting: set[str] = set()
+        self._pods = pods if pods is not None else Reflector(store, kind_prefix("Pod"))
+        # pod keys known to exist in the store (listed, watched, or created here for the node's own
+        # Deployments' replicas): a status is written only over such a key, never re-creating it
+        self._in_store: set[str] = set(self._pods.cache)
+        self._services_changed = trio.Event()
+        self._wanted_revision = 0                     # wait_synced asks the view to be this recent
 
     @property
     def name(self) -> str:
@@ -142,11 +159,21 @@ class ClusterNode:
     # ---- the uplink and the peers -------------------------------------------------------------
 
     async def attach_uplink(self) -> None:
-        c, spec, dp = self.config, self.spec, self.lab.datapath
+        c, spec = self.config, self.spec
         want_gso = c.network == "vxlan" and c.udp_tunnel_gso
         self._tap = await trio.to_thread.run_sync(lambda: open_uplink(
             self.underlay, f"uplink:{spec.name}", prefix=c.prefix, vnet_hdr=c.vnet_hdr, offloads=c.offloads,
             mtu=c.underlay_mtu, udp_tunnel_gso=want_gso))
+        self.add_uplink_ports(tunnel_gso=self._tap.udp_tunnel_gso)
+        if c.network == "vxlan":
+            await self._publish_tunnel_gso(self._tap.udp_tunnel_gso)
+        self.lab.node.attach(self.uplink_port, FdPort(self._tap.fd, vnet_hdr=self._tap.vnet_hdr, name="uplink",
+                                                      vnet_hdr_len=self._tap.vnet_hdr_len))
+
+    def add_uplink_ports(self, *, tunnel_gso: bool = False) -> None:
+        """The datapath's side of the uplink (no I/O): its port with the node's underlay address
+        and MAC, and in vxlan mode the flannel.1 tunnel port holding this node's own lease."""
+        c, spec, dp = self.config, self.spec, self.lab.datapath
         self.uplink_port = dp.add_uplink("uplink", spec.uplink_mac, cidr=c.underlay_cidr)
         if c.network == "vxlan":
             own = Lease(self.subnet, spec.ip, spec.vtep_mac, c.vni)
@@ -154,10 +181,7 @@ class ClusterNode:
                         port=c.vxlan_port, underlay_mtu=c.underlay_mtu)
             self.tunnel_port = dp.add_tunnel(vtep, FlannelNode(own, network=c.cluster_cidr,
                                                                 underlay_mtu=c.underlay_mtu))
-            dp.internode.set_tunnel_gso(self._tap.udp_tunnel_gso)
-            await self._publish_tunnel_gso(self._tap.udp_tunnel_gso)
-        self.lab.node.attach(self.uplink_port, FdPort(self._tap.fd, vnet_hdr=self._tap.vnet_hdr, name="uplink",
-                                                      vnet_hdr_len=self._tap.vnet_hdr_len))
+            dp.internode.set_tunnel_gso(tunnel_gso)
 
     async def _publish_tunnel_gso(self, enabled: bool) -> None:
         """The lease was acquired before the uplink opened: say in it (BackendData's
@@ -179,26 +203,40 @@ class ClusterNode:
         self._tap = None
 
     def _lease_event(self, kind: EventType, kv: KeyValue) -> None:
-        """flanneld's handleSubnetEvents, for one lease of another node."""
+        """flanneld's handleSubnetEvents, for one lease of another node. A lease that cannot be
+        programmed (its JSON, PublicIP, VtepMAC or VNI is bad) is logged with its key and the field,
+        counted and skipped, as flanneld skips a lease it cannot decode: one bad key must not end
+        the node, nor keep it from starting again while the lease lives (24 h). What an earlier
+        good lease of that subnet programmed stays, as in flanneld."""
         dp, c = self.lab.datapath, self.config
         if kind is EventType.PUT:
-            lease = lease_from_kv(kv)
-            if lease is None or str(lease.subnet) == self.subnet or lease.attrs.public_ip == self.spec.ip:
+            try:
+                lease = parse_lease(kv)
+            except ConfigError as exc:
+                self._skip_lease(kv.key, str(exc))
+                return
+            if str(lease.subnet) == self.subnet or lease.attrs.public_ip == self.spec.ip:
                 return
             subnet = str(lease.subnet)
-            if c.network == "direct":
-                # host-gw: the other node's pod CIDR via its address on the underlay
-                dp.add_route(subnet, self.uplink_port, via=lease.attrs.public_ip)
-            elif lease.attrs.backend_type == "vxlan" and lease.attrs.vtep_mac:
-                dp.internode.add_lease(Lease(subnet, lease.attrs.public_ip, lease.attrs.vtep_mac,
-                                             lease.attrs.vni or c.vni, tunnel_gso=lease.attrs.tunnel_gso))
-            else:
-                log.warning("node %s: lease %s has backend %r, not vxlan: ignored", self.name, subnet,
-                            lease.attrs.backend_type)
+            try:
+                if c.network == "direct":
+                    # host-gw: the other node's pod CIDR via its address on the underlay
+                    dp.add_route(subnet, self.uplink_port, via=lease.attrs.public_ip)
+                elif lease.attrs.backend_type == "vxlan" and lease.attrs.vtep_mac:
+                    dp.internode.add_lease(Lease(subnet, lease.attrs.public_ip, lease.attrs.vtep_mac,
+                                                 lease.attrs.vni or c.vni, tunnel_gso=lease.attrs.tunnel_gso))
+                else:
+                    log.warning("node %s: lease %s has backend %r, not vxlan: ignored", self.name, subnet,
+                                lease.attrs.backend_type)
+                    return
+            except ConfigError as exc:   # overlay.Lease: a bad VtepMAC or VNI
+                self._skip_lease(kv.key, str(exc))
                 return
+            self.bad_leases.pop(kv.key, None)
             self.peers[subnet] = lease
             log.info("node %s: lease %s via %s", self.name, subnet, lease.attrs.public_ip)
         else:
+            self.bad_leases.pop(kv.key, None)
             subnet_net = parse_subnet_key(kv.key)
             subnet = str(subnet_net) if subnet_net is not None else None
             if subnet is None or self.peers.pop(subnet, None) is None:
@@ -208,6 +246,11 @@ class ClusterNode:
             else:
                 dp.internode.remove_lease(subnet)
             log.info("node %s: lease %s gone", self.name, subnet)
+
+    def _skip_lease(self, key: str, why: str) -> None:
+        self.leases_skipped += 1
+        self.bad_leases[key] = why
+        log.warning("node %s: lease %s skipped: %s", self.name, key, why)
 
     # ---- watching the store -------------------------------------------------------------------
 
@@ -220,23 +263,34 @@ class ClusterNode:
             self._lease_event(event.type, event.kv)
 
     async def watch_services(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """kube-proxy's informers: Services and EndpointSlices, the whole cluster's."""
+        """kube-proxy's informers: Services and EndpointSlices, the whole cluster's. The view is at
+        the lower of the two reflectors' revisions: it has every change up to there (a quiet
+        reflector is moved on by comparing it with a listing when `wait_synced` asks for more)."""
         services = Reflector(self.store, kind_prefix("Service"))
         slices = Reflector(self.store, kind_prefix("EndpointSlice"))
-        changed = trio.Event()
+        dirty = False
 
         def apply() -> None:
             lab = self.lab
             lab.manifests = dataclasses.replace(
                 lab.manifests, services=tuple(decode(kv).obj for kv in services.cache.values()))
             lab.cluster_slices = tuple(decode(kv).obj for kv in slices.cache.values())
-            self.slices_revision = max(services.revision, slices.revision)
+            self.slices_revision = min(services.revision, slices.revision)
             lab.endpoints_changed()
 
         async def follow(reflector: Reflector) -> None:
-            nonlocal changed
+            nonlocal dirty
             async for _ in reflector.aevents():
-                changed.set()
+                dirty = True
+                self._services_changed.set()
+
+        async def catch_up() -> None:
+            for reflector in (services, slices):
+                if reflector.revision < self._wanted_revision:
+                    try:
+                        await reflector.acatch_up()
+                    except StoreUnavailable as exc:   # wait_synced asks again
+                        log.info("node %s: %s: %s", self.name, reflector.prefix, exc)
 
         for reflector in (services, slices):
             await trio.to_thread.run_sync(reflector.relist)
@@ -246,64 +300,125 @@ class ClusterNode:
             nursery.start_soon(follow, slices)
             task_status.started()
             while True:
-                await changed.wait()
-                changed = trio.Event()
-                apply()
+                await self._services_changed.wait()
+                self._services_changed = trio.Event()
+                if self.slices_revision < self._wanted_revision:
+                    await catch_up()
+                if dirty:
+                    dirty = False
+                    apply()
+                else:   # nothing new to apply: the view is the caches, now confirmed further
+                    self.slices_revision = min(services.revision, slices.revision)
 
     async def watch_pods(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The kubelet's pod source: pods placed here later are started, pods whose key goes are
-        deleted gracefully (the status writes of this node come back as PUTs of known pods)."""
-        reflector = Reflector(self.store, kind_prefix("Pod"))
-        await trio.to_thread.run_sync(reflector.relist)
+        deleted gracefully (the status writes of this node come back as PUTs of known pods). It
+        goes on from the listing the Lab's pods came from, so a pod placed here or deleted while
+        the Lab was starting is an event here too; a fresh reflector's first listing (all PUTs)
+        starts the pods the Lab lacks."""
         task_status.started()
-        async for event in reflector.aevents():
-            lab = self.lab
-            if event.type is EventType.PUT:
-                pod = decode(event.kv).obj
-                if pod.node_name == self.name and pod.key not in lab.pods and pod.key not in self._starting:
-                    self._starting.add(pod.key)
-                    lab._nursery.start_soon(self._start_pod, pod)
-            else:
-                from podnet.store.objects import parse_key
-                _, namespace, name = parse_key(event.key)
-                state = lab.pods.get(f"{namespace}/{name}")
-                if state is not None:
-                    lab.begin_delete(state)
+        async for event in self._pods.aevents():
+            self._pod_event(event)
+
+    def _pod_event(self, event: Event) -> None:
+        lab = self.lab
+        if event.type is EventType.PUT:
+            pod = _decode_pod(event.kv, self.name)
+            if pod is not None and pod.node_name == self.name and pod.key not in lab.pods \
+                    and pod.key not in self._starting:
+                self._starting.add(pod.key)
+                self._in_store.add(event.key)
+                lab._nursery.start_soon(self._start_pod, pod)
+            return
+        try:
+            _, namespace, name = parse_key(event.key)
+        except ValueError:
+            return
+        state = lab.pods.get(f"{namespace}/{name}")
+        if state is not None:
+            lab.begin_delete(state)
 
     async def _start_pod(self, pod) -> None:
         try:
-            await self.lab.add_pod(pod)
-        except ConfigError as exc:
-            log.warning("node %s: pod %s: %s", self.name, pod.key, exc)
+            await self._learn_namespace(pod.namespace)
+            state = await self.lab.add_pod(pod)
+        except (ConfigError, StoreUnavailable) as exc:
+            log.warning("node %s: pod %s not started: %s (it is tried again when its key is written "
+                        "again)", self.name, pod.key, exc)
+            return
         finally:
             self._starting.discard(pod.key)
+        if object_key(pod) not in self._pods.cache:   # its key went while it was being started
+            self.lab.begin_delete(state)
+
+    async def _learn_namespace(self, namespace: str) -> None:
+        """The Namespaces were read when the node started; one created since is read from the
+        store when a pod in it arrives (the API server admits no pod into a Namespace that does not
+        exist, so it is there by then). Still missing: add_pod refuses the pod, naming it."""
+        lab = self.lab
+        if namespace in BUILTIN_NAMESPACES or any(ns.name == namespace for ns in lab.manifests.namespaces):
+            return
+        kv = await trio.to_thread.run_sync(self.store.get, key_of("Namespace", "", namespace))
+        if kv is None or any(ns.name == namespace for ns in lab.manifests.namespaces):
+            return
+        lab.manifests = dataclasses.replace(lab.manifests,
+                                            namespaces=(*lab.manifests.namespaces, decode(kv).obj))
+        log.info("node %s: namespace %s", self.name, namespace)
 
     async def publish_status(self) -> None:
         """The kubelet's status manager: each pod's IP, readiness and termination, written when
-        they change; a pod that left the node has its key deleted."""
+        they change; a pod that left the node has its key deleted. A status goes over the pod's key
+        as it stands (update-if-revision), never re-creating a key deleted meanwhile: that pod's
+        DELETE reaches watch_pods, which deletes it (the kubelet's status patch of a deleted pod
+        fails as NotFound). The node's own Deployments' replicas have their keys created by their
+        first status. An unreachable store is waited out."""
         written: dict[str, bytes] = {}
         lab = self.lab
+        failures = 0
         while True:
             generation = lab.generation
             current = {object_key(p.pod): encode(p.pod, PodStatus(p.ip, p.ready, p.terminating, self.name))
                        for p in list(lab.pods.values())}
-            changes = [(k, v) for k, v in current.items() if written.get(k) != v]
+            changes = [(k, v, k in self._in_store) for k, v in current.items() if written.get(k) != v]
             gone = [k for k in written if k not in current]
             if changes or gone:
-                def write() -> None:
-                    for key, value in changes:
-                        self.store.put(key, value)
-                    for key in gone:
-                        self.store.delete(key)
-                await trio.to_thread.run_sync(write)
+                try:
+                    await trio.to_thread.run_sync(self._write_status, changes, gone)
+                except StoreUnavailable as exc:
+                    failures = await back_off(f"node {self.name}: pod status", exc, failures, then="writing")
+                    continue
+                failures = 0
                 written = current
+                self._in_store.update(key for key, _, _ in changes)
             await lab.wait_state_changed(generation, trio.current_time() + 10.0)
 
+    def _write_status(self, changes: list[tuple[str, bytes, bool]], gone: list[str]) -> None:
+        """publish_status's writes (blocking: a worker thread)."""
+        store = self.store
+        for key, value, exists in changes:
+            if not exists:   # a pod the node made (its Deployment's replica): its first status creates it
+                store.put(key, value)
+                continue
+            for _ in range(_STATUS_RETRIES):
+                kv = store.get(key)
+                if kv is None or kv.value == value:
+                    break
+                try:
+                    store.update(key, value, mod_revision=kv.mod_revision)
+                    break
+                except RevisionConflict:
+                    continue   # written meanwhile (the control plane): read it again
+        for key in gone:
+            store.delete(key)
+
     async def wait_synced(self, revision: int, timeout_s: float = 30.0) -> None:
-        """Until this node's Service view has the store's `revision` and its backend synced it."""
+        """Until this node's Service view has every Service and EndpointSlice change up to the
+        store's `revision`, and its backend synced it."""
         with trio.fail_after(timeout_s):
             while self.slices_revision < revision:
-                await trio.sleep(0.02)
+                self._wanted_revision = max(self._wanted_revision, revision)
+                self._services_changed.set()
+                await trio.sleep(_CATCH_UP_POLL_S)
         await self.lab.wait_synced(timeout_s)
 
     # ---- inspection ------------------------------------------------------------------------------
@@ -373,17 +488,21 @@ async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig,
     subnet = str(lease.subnet)
     log.info("node %s: subnet %s, underlay %s", spec.name, subnet, spec.ip)
 
+    pod_source = Reflector(store, kind_prefix("Pod"))   # watch_pods goes on from this listing
+
     def read_objects():
         from podnet.store.objects import list_objects
         namespaces = tuple(o.obj for o in list_objects(store, "Namespace")[0])
-        pods = tuple(o.obj for o in list_objects(store, "Pod")[0] if o.obj.node_name == spec.name)
+        pod_source.relist()
+        pods = tuple(pod for kv in pod_source.cache.values()
+                     if (pod := _decode_pod(kv, spec.name)) is not None and pod.node_name == spec.name)
         services = tuple(o.obj for o in list_objects(store, "Service")[0])
         return Manifests(namespaces=namespaces, pods=pods, services=services, deployments=tuple(deployments))
 
     manifests = await trio.to_thread.run_sync(read_objects)
     async with open_lab(manifests, lab_config(spec, config, subnet), wait_ready_s=None,
                         lab_class=ClusterNodeLab) as lab:
-        node = ClusterNode(store, spec, config, lab, lease, underlay)
+        node = ClusterNode(store, spec, config, lab, lease, underlay, pods=pod_source)
         try:
             await node.attach_uplink()
             async with trio.open_nursery() as nursery:
@@ -403,6 +522,16 @@ async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig,
                     nursery.cancel_scope.cancel()
         finally:
             await node.detach_uplink()
+
+
+def _decode_pod(kv: KeyValue, node: str):
+    """The Pod stored at `kv`, or None (logged) for a value that is not one: one bad object must
+    not stop the node."""
+    try:
+        return decode(kv).obj
+    except ConfigError as exc:
+        log.warning("node %s: %s skipped: %s", node, kv.key, exc)
+        return None
 
 
 async def _keep_lease(store: Store, node: ClusterNode) -> None:

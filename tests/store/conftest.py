@@ -12,6 +12,7 @@ import pytest
 
 from podnet.store import EmbeddedStore, Event, Store, Watch
 from podnet.store.etcd_server import ETCD_BINARY, EtcdServer, run_etcd
+from podnet.testing.store import EtcdRestarter
 
 ETCD_EVENT_TIMEOUT_S = 5.0  # generous: a loaded CI machine; a passing test never waits this long
 
@@ -74,6 +75,13 @@ def etcd_server():
         pytest.skip(f"{ETCD_BINARY} is missing (install Debian's etcd-server)")
     with run_etcd() as server:
         yield server
+
+
+@pytest.fixture
+def etcd_restarter(etcd_server):
+    """Stops the test's etcd and starts it again on the same data dir and ports."""
+    with EtcdRestarter(etcd_server) as restarter:
+        yield restarter
 
 
 @pytest.fixture(params=["embedded", "etcd"])

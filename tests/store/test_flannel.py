@@ -215,3 +215,130 @@ async def test_keep_subnet_lease_renews_and_stops_when_the_lease_is_deleted():
         assert raised.group_contains(SubnetLeaseLost, match="lease has been revoked")
     finally:
         store.close()
+
+
+# --- keep_subnet_lease through store outages ----------------------------------------------------
+
+
+async def _until(predicate, what: str, timeout_s: float = 10.0):
+    with trio.move_on_after(timeout_s):
+        while not (value := predicate()):
+            await trio.sleep(0.01)
+        return value
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _faulty():
+    from podnet.store import EmbeddedStore
+    from podnet.testing.store import FaultyStore
+    store = FaultyStore(EmbeddedStore())  # real time: renewals run in threads, as they do against etcd
+    write_network_config(store, "10.244.0.0/16")
+    return store
+
+
+async def test_keep_subnet_lease_outlives_a_broken_watch_and_a_compaction():
+    """etcd restarting breaks the lease's watch (StoreUnavailable), and its history may be compacted
+    meanwhile (CompactedError): the lease is intact, so the node keeps it, renews it and watches on."""
+    from podnet.store import CompactedError, StoreUnavailable
+    store = _faulty()
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=trio.current_time(), ttl_s=1)
+    renewals = []
+    try:
+        with pytest.raises(ExceptionGroup) as raised:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=0.8, on_renew=renewals.append))
+                await _until(lambda: store.open_watches(lease.key), "the lease's watch")
+                assert store.fail_watches(lease.key, StoreUnavailable("etcd went away")) == 1
+                await _until(lambda: store.watches_opened.count(lease.key) == 2, "the watch opened again")
+                await _until(lambda: len(renewals) >= 2, "renewals")
+                store.compact(store.revision())   # the history the watch would resume from is gone
+                assert store.fail_watches(lease.key, CompactedError("watch", 1, store.revision())) == 1
+                await _until(lambda: store.watches_opened.count(lease.key) == 3, "the watch after the compaction")
+                seen = len(renewals)
+                await _until(lambda: len(renewals) >= seen + 2, "renewals after the compaction")
+                assert store.get(lease.key).lease == renewals[-1].lease_id   # still this node's lease
+                await trio.to_thread.run_sync(store.delete, lease.key)      # the reopened watch sees it
+                await trio.sleep(2)
+        assert raised.group_contains(SubnetLeaseLost, match="lease has been revoked")
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "taken"])
+async def test_keep_subnet_lease_after_a_compaction_a_key_gone_or_taken_is_lost(meanwhile):
+    """The watch missed what happened while its history was compacted: the key is read, and one that
+    is gone, or was written by another node, is a lost lease."""
+    from podnet.store import CompactedError
+    store = _faulty()
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=trio.current_time(), ttl_s=3600)
+    try:
+        with pytest.raises(ExceptionGroup) as raised:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=60))
+                await _until(lambda: store.open_watches(lease.key), "the lease's watch")
+                store.hold(lease.key)   # the watch never delivers the change below
+                if meanwhile == "deleted":
+                    store.delete(lease.key)
+                else:
+                    store.put(lease.key, attrs("node-b").to_json())
+                store.compact(store.revision())
+                store.fail_watches(lease.key, CompactedError("watch", lease.mod_revision + 1, store.revision()))
+                await trio.sleep(5)
+        found = "gone" if meanwhile == "deleted" else "written at revision"
+        assert raised.group_contains(SubnetLeaseLost, match=f"lease lost while the watch was away \\({found}")
+    finally:
+        store.close()
+
+
+async def test_a_renewal_whose_answer_was_lost_is_adopted():
+    """etcd dies after writing a renewal, before answering it: the retry finds the key moved on with
+    this node's own value, and takes that write as its renewal instead of calling the lease lost."""
+    from podnet.store import StoreUnavailable
+    store = _faulty()
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=trio.current_time(), ttl_s=1)
+    renewals, lost_answers = [], []
+
+    def lose_the_answer(call):
+        if call.key == lease.key and not lost_answers:
+            lost_answers.append(call.result)
+            raise StoreUnavailable("etcd went away before answering")
+
+    store.after("update", lose_the_answer)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=0.8, on_renew=renewals.append))
+            await _until(lambda: len(renewals) >= 3, "renewals after the lost answer")
+            nursery.cancel_scope.cancel()
+        assert len(lost_answers) == 1
+        assert renewals[0].mod_revision == lost_answers[0]   # the write whose answer was lost
+        kv = store.get(lease.key)
+        assert kv.lease == renewals[-1].lease_id and kv.mod_revision == renewals[-1].mod_revision
+    finally:
+        store.close()
+
+
+async def test_keep_subnet_lease_outlives_an_etcd_restart(etcd_server, etcd_restarter):
+    """A real etcd stopped and started again on the same data dir and port: the watch breaks and is
+    opened again, renewals that fail meanwhile are retried, and the node keeps its subnet."""
+    from podnet.store.etcd import EtcdStore
+    store = EtcdStore(etcd_server.endpoint, timeout_s=1.0)
+    write_network_config(store, "10.244.0.0/16")
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=trio.current_time(), ttl_s=2)
+    renewals = []
+    try:
+        with pytest.raises(ExceptionGroup) as raised:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=1.5, on_renew=renewals.append))
+                await _until(lambda: len(renewals) >= 1, "a renewal")
+                await trio.to_thread.run_sync(etcd_restarter.stop)
+                await trio.sleep(1.0)   # renewals fall due meanwhile, and fail
+                await trio.to_thread.run_sync(etcd_restarter.start)
+                seen = len(renewals)
+                await _until(lambda: len(renewals) >= seen + 2, "renewals after the restart", 20)
+                kv = await trio.to_thread.run_sync(store.get, lease.key)
+                assert kv.lease == renewals[-1].lease_id and kv.value == attrs("node-a").to_json().encode()
+                await trio.to_thread.run_sync(store.delete, lease.key)   # the watch was opened again
+                await trio.sleep(5)
+        assert raised.group_contains(SubnetLeaseLost, match="lease has been revoked")
+    finally:
+        store.close()

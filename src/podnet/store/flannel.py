@@ -26,7 +26,13 @@ Acquiring (tryAcquireLease, up to 10 tries when another node wins a race):
    revokes that lease and starts again from 1.
 A lease is renewed `margin_s` before it expires (flanneld --subnet-lease-renew-margin, 60 min of
 a 24 h lease) by writing the key again under a new lease. flanneld exits when its lease is deleted;
-`keep_subnet_lease` raises SubnetLeaseLost.
+`keep_subnet_lease` raises SubnetLeaseLost. An unreachable store is not a lost lease: flanneld's
+watch loop retries, and so does `keep_subnet_lease` (its watch and its renewals), so a node
+outlives an etcd restart.
+
+A lease whose key or value cannot be read (`parse_lease`: bad JSON, a PublicIP that is no IPv4
+address, BackendData that is no object) is a ConfigError naming the key; a watcher logs and skips
+it, as flanneld does, rather than stop.
 
 Differences from flanneld: renewals and reuse write with update-if-revision rather than a blind
 put, so a node can never overwrite a subnet that expired and was taken by another node meanwhile;
@@ -51,8 +57,9 @@ import trio
 
 from podnet.errors import ConfigError, IPAMExhausted
 
-from .base import (EventType, KeyExists, KeyValue, LeaseNotFound, RevisionConflict, Store,
-                   StoreError, revoke_if_unused)
+from .base import (CompactedError, EventType, KeyExists, KeyValue, LeaseNotFound, RevisionConflict,
+                   Store, StoreError, StoreUnavailable, revoke_if_unused)
+from .informer import back_off
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +220,24 @@ class LeaseAttrs:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LeaseAttrs:
-        data = json.loads(text)
-        public_ip = str(IPv4Address(data["PublicIP"]))
-        return cls(public_ip, data.get("BackendType", ""),
-                   MappingProxyType(dict(data.get("BackendData") or {})))
+        """ValueError naming the field for a value flannel's json.Unmarshal would refuse (or a
+        PublicIP that is not an IPv4 address)."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(data.get("PublicIP"), str):  # IPv4Address(5) would be 0.0.0.5
+            raise ValueError(f"PublicIP missing or not a string: {data.get('PublicIP')!r:.40}")
+        try:
+            public_ip = str(IPv4Address(data["PublicIP"]))
+        except ValueError as exc:
+            raise ValueError(f"PublicIP: {exc}") from None
+        backend_data = data.get("BackendData") or {}
+        if not isinstance(backend_data, dict):
+            raise ValueError(f"BackendData is not an object: {backend_data!r:.40}")
+        return cls(public_ip, data.get("BackendType", ""), MappingProxyType(dict(backend_data)))
 
 
 @dataclass(frozen=True)
@@ -254,17 +275,25 @@ def parse_subnet_key(key: str) -> IPv4Network | None:
         return None
 
 
+def parse_lease(kv: KeyValue) -> SubnetLease:
+    """The lease stored at `kv`; ConfigError naming the key and what is wrong with it."""
+    subnet = parse_subnet_key(kv.key)
+    if subnet is None:
+        raise ConfigError(f"{kv.key}: not a subnet lease key")
+    try:
+        attrs = LeaseAttrs.from_json(kv.value)
+    except ValueError as exc:
+        raise ConfigError(f"{kv.key}: {exc}") from None
+    return SubnetLease(subnet, attrs, kv.lease, kv.mod_revision)
+
+
 def lease_from_kv(kv: KeyValue) -> SubnetLease | None:
     """A lease as stored, or None (logged) for a key or value flannel would skip too."""
-    subnet = parse_subnet_key(kv.key)
     try:
-        if subnet is None:
-            raise ValueError("not a subnet key")
-        attrs = LeaseAttrs.from_json(kv.value)
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring bad subnet lease %s: %s", kv.key, exc)
+        return parse_lease(kv)
+    except ConfigError as exc:
+        log.warning("ignoring bad subnet lease %s", exc)
         return None
-    return SubnetLease(subnet, attrs, kv.lease, kv.mod_revision)
 
 
 def list_subnet_leases(store: Store) -> tuple[list[SubnetLease], int]:
@@ -373,37 +402,107 @@ async def keep_subnet_lease(store: Store, lease: SubnetLease, *,
                             on_renew: Callable[[SubnetLease], None] | None = None) -> None:
     """Renew `lease` `margin_s` before each expiry until cancelled (CompleteLease). Raises
     SubnetLeaseLost as soon as the key is deleted, or at the renewal after someone else wrote it.
-    `lease.expires_at` is in trio's clock: acquire with now=trio.current_time()."""
+    `lease.expires_at` is in trio's clock: acquire with now=trio.current_time().
+
+    The store going away (etcd restarting) loses nothing: the lease outlives it. A watch that
+    breaks is opened again, after a backoff, from the last revision it saw + 1; one whose history
+    was compacted meanwhile reads the key instead, and only a key that is gone or was written by
+    someone else is lost. A renewal that cannot reach the store is tried again after a backoff; if
+    the first try was written but its answer lost, the retry finds the key moved on with this
+    node's own value and adopts it rather than calling the lease lost."""
     current = lease
     lost: SubnetLeaseLost | None = None
-    watch = await trio.to_thread.run_sync(
-        lambda: store.watch(lease.key, start_revision=lease.mod_revision + 1))
+    renewing = trio.Lock()  # while held, `current` is what the store holds (no renewal in flight)
 
     async def renew_forever(cancel_scope: trio.CancelScope) -> None:
         nonlocal current, lost
+        failures, first_try = 0, 0.0
         while True:
-            await trio.sleep_until(current.renew_at(margin_s))
-            held, now = current, trio.current_time()
+            if not failures:
+                await trio.sleep_until(current.renew_at(margin_s))
+                first_try = trio.current_time()
+            held, now, retry = current, trio.current_time(), failures > 0
             try:
-                current = await trio.to_thread.run_sync(
-                    lambda: renew_subnet_lease(store, held, now=now))
+                async with renewing:
+                    current = await trio.to_thread.run_sync(
+                        lambda: _renew(store, held, now=now, retry=retry, first_try=first_try))
+            except StoreUnavailable as exc:
+                failures = await back_off(held.key, exc, failures, then="renewing")
+                continue
             except SubnetLeaseLost as exc:
                 lost = exc
                 cancel_scope.cancel()
                 return
+            failures = 0
             log.info("lease %s renewed, new expiry in %s s", current.subnet, current.ttl_s)
             if on_renew is not None:
                 on_renew(current)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(renew_forever, nursery.cancel_scope)
-            async for event in watch:  # renewals are PUTs; a DELETE means the lease is gone
-                if event.type is EventType.DELETE:
-                    lost = SubnetLeaseLost(f"{lease.key}: lease has been revoked")
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        watch.close()
+    async def watch_forever(cancel_scope: trio.CancelScope) -> None:
+        """Renewals are PUTs; a DELETE means the lease is gone."""
+        nonlocal lost
+        seen, failures = lease.mod_revision, 0
+        while True:
+            try:
+                watch = await trio.to_thread.run_sync(
+                    lambda: store.watch(lease.key, start_revision=seen + 1))
+            except StoreUnavailable as exc:
+                failures = await back_off(lease.key, exc, failures)
+                continue
+            try:
+                async for event in watch:
+                    failures, seen = 0, max(seen, event.revision)
+                    if event.type is EventType.DELETE:
+                        lost = SubnetLeaseLost(f"{lease.key}: lease has been revoked")
+                        cancel_scope.cancel()
+                        return
+                return  # the store was closed
+            except StoreUnavailable as exc:
+                failures = await back_off(lease.key, exc, failures)
+            except CompactedError as exc:
+                log.info("%s: %s; reading the key", lease.key, exc)
+                try:
+                    async with renewing:
+                        listing = await trio.to_thread.run_sync(store.list, lease.key)
+                        kv = next((kv for kv in listing if kv.key == lease.key), None)
+                        if kv is None or kv.mod_revision != current.mod_revision:
+                            found = "gone" if kv is None else f"written at revision {kv.mod_revision}"
+                            lost = SubnetLeaseLost(f"{lease.key}: lease lost while the watch was "
+                                                   f"away ({found}, this node's is "
+                                                   f"{current.mod_revision})")
+                            cancel_scope.cancel()
+                            return
+                except StoreUnavailable as unavailable:
+                    failures = await back_off(lease.key, unavailable, failures)
+                    continue
+                seen = listing.revision
+            finally:
+                watch.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(renew_forever, nursery.cancel_scope)
+        nursery.start_soon(watch_forever, nursery.cancel_scope)
     if lost is not None:
         raise lost
+
+
+def _renew(store: Store, held: SubnetLease, *, now: float, retry: bool,
+           first_try: float) -> SubnetLease:
+    """renew_subnet_lease; on a retry, a key that moved on with this node's own value is the
+    earlier try's write, whose answer was lost: adopted (its expiry counted from the first try)."""
+    try:
+        return renew_subnet_lease(store, held, now=now)
+    except SubnetLeaseLost:
+        if not retry:
+            raise
+        kv = store.get(held.key)
+        if kv is None or kv.value != held.attrs.to_json().encode() or not kv.lease \
+                or kv.lease == held.lease_id:
+            raise
+        ttl_s = held.ttl_s or SUBNET_TTL_S
+        log.info("lease %s: the renewal before the store went away was written; adopting it",
+                 held.subnet)
+        if held.lease_id:
+            revoke_if_unused(store, held.lease_id)
+        return SubnetLease(held.subnet, held.attrs, kv.lease, kv.mod_revision, ttl_s,
+                           first_try + ttl_s)

@@ -8,12 +8,20 @@ difference between the old cache and the new listing as events, so the consumer'
 without a gap (client-go's Replace). A watch that breaks (StoreUnavailable: etcd restarted, the
 connection dropped) is opened again from the last revision seen + 1, after a short backoff.
 
+A watch that is quiet cannot tell "nothing changed under the prefix" from "the change is still on
+its way": `revision` moves only with events. A consumer that must know its view has every change up
+to some revision R (a node's Service view, before it says it is synced) lists the prefix and asks
+`catch_up`: a cache equal to a listing at R or later is at that listing's revision. (etcd's
+progress notifications answer the same question without the listing; the contract has none.)
+
 Invariants:
 - Events come in revision order and every change after the first list is reported exactly once:
   by the watch, or, after a compaction, by the relist's difference.
 - Events made up by a relist are a PUT for every key that is new or has another mod_revision, and
   a DELETE (key only, at the listing's revision) for every key that is gone.
-- `cache` always equals the store's keys under the prefix as of `revision`.
+- `cache` always equals the store's keys under the prefix as of `revision`, except that after a
+  `catch_up` a key created and deleted again at or below the new revision may still come as two
+  events, which leave the cache as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from typing import AsyncIterator, Iterator
 
 import trio
 
-from .base import (CompactedError, Event, EventType, KeyValue, Store, StoreUnavailable, Watch)
+from .base import (CompactedError, Event, EventType, KeyValue, Listing, Store, StoreUnavailable,
+                   Watch)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,21 @@ class Reflector:
         else:
             self.cache.pop(event.key, None)
         self.revision = max(self.revision, event.revision)
+
+    def catch_up(self, listing: Listing) -> bool:
+        """Whether the cache equals `listing` (this prefix, listed now): then it misses no change
+        up to the listing's revision, and `revision` moves there. Call it in the thread that
+        applies the events (trio's, for `aevents`), with a listing taken after the last event."""
+        if {key: kv.mod_revision for key, kv in self.cache.items()} != \
+                {kv.key: kv.mod_revision for kv in listing}:
+            return False
+        self.revision = max(self.revision, listing.revision)
+        return True
+
+    async def acatch_up(self) -> bool:
+        """`catch_up` with a listing taken now (in a thread). StoreUnavailable if it cannot list."""
+        listing = await trio.to_thread.run_sync(self.store.list, self.prefix)
+        return self.catch_up(listing)
 
     def open_watch(self) -> Watch:
         return self.store.watch(self.prefix, prefix=True, start_revision=self.revision + 1)
@@ -90,7 +114,7 @@ class Reflector:
             try:
                 watch = await trio.to_thread.run_sync(self.open_watch)
             except StoreUnavailable as exc:
-                failures = await _back_off(self.prefix, exc, failures)
+                failures = await back_off(self.prefix, exc, failures)
                 continue
             try:
                 async for event in watch:
@@ -103,18 +127,19 @@ class Reflector:
                 try:
                     events = await trio.to_thread.run_sync(self.relist)
                 except StoreUnavailable as unavailable:
-                    failures = await _back_off(self.prefix, unavailable, failures)
+                    failures = await back_off(self.prefix, unavailable, failures)
                     continue
                 for event in events:
                     yield event
             except StoreUnavailable as exc:
-                failures = await _back_off(self.prefix, exc, failures)
+                failures = await back_off(self.prefix, exc, failures)
             finally:
                 watch.close()
 
 
-async def _back_off(prefix: str, error: Exception, failures: int) -> int:
+async def back_off(what: str, error: Exception, failures: int, *, then: str = "watching") -> int:
+    """Sleep the backoff for the `failures`-th failure in a row (logged); `failures` + 1."""
     delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
-    log.warning("%s: %s; watching again in %s s", prefix, error, delay)
+    log.warning("%s: %s; %s again in %s s", what, error, then, delay)
     await trio.sleep(delay)
     return failures + 1
