@@ -377,13 +377,30 @@ def test_a_node_port_from_outside_reaches_a_backend_on_another_node_and_answers_
     cl.wire.inject("client", syn, 0.0)
     ((frame, _),) = cl.received("b")
     seen = decode(frame)
-    # externalTrafficPolicy Cluster: masqueraded to node A's address, DNATed to the pod on B
-    assert ip_of(seen) == (NODES["a"][1], POD["b"]) and seen.data.data.dport == 8080
-    cl.send("b", F.tcp(POD["b"], NODES["a"][1], 8080, seen.data.data.sport, flags=SYN | ACK,
-                       src_mac=POD_MAC["b"]), 0.1)
+    # externalTrafficPolicy Cluster: DNATed to the pod on B and masqueraded to the address of the
+    # device it leaves A by (MASQUERADE's inet_select_addr): the node's on the uplink (host-gw),
+    # flannel.1's - A's subnet's .0 - into the tunnel
+    masq = NODES["a"][1] if mode == "direct" else "10.244.1.0"
+    assert ip_of(seen) == (masq, POD["b"]) and seen.data.data.dport == 8080 and l4_ok(seen.data)
+    tunnel_rx = a.statistics().tunnel.rx_packets if mode == "vxlan" else 0
+    cl.send("b", F.tcp(POD["b"], masq, 8080, seen.data.data.sport, flags=SYN | ACK, src_mac=POD_MAC["b"]), 0.1)
     (answer,) = client.got
     assert ip_of(answer) == (NODES["a"][1], "192.0.2.50") and answer.data.data.sport == 30080
     assert (answer.src, answer.dst) == (mac("a"), pk.mac_bytes("02:00:00:00:00:50")) and l4_ok(answer.data)
+    if mode == "vxlan":   # the reply came back to A through the tunnel, as flannel.1's route sends it
+        assert a.statistics().tunnel.rx_packets == tunnel_rx + 1
+    # the rest of the connection both ways, on the cached paths, un-NATed the same way
+    for j in range(3):
+        cl.wire.inject("client", F.tcp("192.0.2.50", NODES["a"][1], 41000, 30080, flags=ACK | PSH, seq=j,
+                                       payload=b"get %d" % j, src_mac="02:00:00:00:00:50",
+                                       dst_mac=NODES["a"][2]), 0.2 + j / 10)
+        cl.send("b", F.tcp(POD["b"], masq, 8080, seen.data.data.sport, flags=ACK, payload=b"ok %d" % j, seq=j,
+                           src_mac=POD_MAC["b"]), 0.25 + j / 10)
+    got = decode(cl.received("b")[-1][0])
+    assert ip_of(got) == (masq, POD["b"]) and got.data.data.data == b"get 2" and l4_ok(got.data)
+    back = client.got[-1]
+    assert ip_of(back) == (NODES["a"][1], "192.0.2.50") and back.data.data.data == b"ok 2" and l4_ok(back.data)
+    assert a.statistics().fast_path_packets > 0 and a.statistics().dropped == 0
 
 
 # ---- Services whose backends are on other nodes ------------------------------------------------

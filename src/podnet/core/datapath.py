@@ -496,7 +496,7 @@ class Datapath:
             if type(hop) is list:
                 return hop
         if entry is None and key is not None and ctx.commit:
-            made = self._track(key, info, port, decision, tcp_flags, ctx)
+            made = self._track(key, info, port, decision, tcp_flags, ctx, out)
             if isinstance(made, Drop):
                 return [made]
             entry = made
@@ -510,7 +510,7 @@ class Datapath:
             # the trace's own copy, rewritten as the first packet would be (a masqueraded source keeps
             # its port, as when it is free), so the frames a trace transmits are what the wire would carry
             dst, dport = decision.dnat if decision.dnat is not None else (None, None)
-            src = self.node_ip if decision.masquerade and self.node_ip is not None else None
+            src = self._masquerade_source(out) if decision.masquerade else None
             nat.rewrite(frame, info.l4, info.proto, src=src, dst=dst, dport=dport, vnet=vnet)
         pk.decrement_ttl(frame, info.ttl)
         if hop is not None:   # the neighbour's MAC, or the VXLAN encapsulation
@@ -555,12 +555,23 @@ class Datapath:
             actions += self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, pk.REJECT_WITH_CODES[how], ctx)
         return actions + [self._drop(ctx, DropReason.SERVICE_REJECT, port.id, "service", how)]
 
+    def _masquerade_source(self, out: Port) -> int | None:
+        """MASQUERADE's address: the outgoing device's own, as nf_nat_masquerade_ipv4 picks it
+        (inet_select_addr on the out device): the tunnel's (flannel.1's) for a packet into it,
+        else the node's address."""
+        if out.kind is PortKind.TUNNEL and self.internode is not None:
+            source = self.internode.tunnel_address(out)
+            if source is not None:
+                return source
+        return self.node_ip
+
     def _track(self, key: tuple, info: pk.IPv4Info, port: Port, decision: Decision, tcp_flags: int,
-               ctx: _Ctx) -> Entry | Drop:
+               ctx: _Ctx, out: Port) -> Entry | Drop:
         """Pin a NEW flow in conntrack with its NAT (the kernel's confirm after the last hook)."""
         snat = None
-        if decision.masquerade and self.node_ip is not None:
-            snat = (self.node_ip, self._source_port(key, decision, self.node_ip, decision.random_fully))
+        source = self._masquerade_source(out) if decision.masquerade else None
+        if source is not None:
+            snat = (source, self._source_port(key, decision, source, decision.random_fully))
         elif decision.dnat is not None:
             # nf_nat's get_unique_tuple: when the reply tuple after DNAT is taken (the client reused
             # a source port that an entry still in TIME_WAIT holds towards the same backend through

@@ -42,7 +42,10 @@ datagram to the node's address at the VXLAN port is decapsulated (its virtio-net
 NEEDS_CSUM / DATA_VALID stand for the kernel's CHECKSUM_PARTIAL / UNNECESSARY, so a partial outer
 checksum is not "verified"; a partial inner one moves with the inner frame) and re-enters the
 pipeline on the tunnel port; every malformed datagram is a counted drop with the Vtep's reason.
-Anything else on the uplink is routed as before (NodePort, LoadBalancer, direct pod traffic).
+Anything else on the uplink is routed as before (NodePort, LoadBalancer, direct pod traffic). A
+masqueraded flow (a NodePort from outside, externalTrafficPolicy Cluster) takes the address of the
+device it leaves by, as MASQUERADE does: into the tunnel, flannel.1's (the subnet's .0); on the
+uplink, the node's.
 Frames the datapath originates back into the tunnel (ICMP errors, echo replies, resets to a remote
 pod) are encapsulated to the VTEP their inner destination MAC names (the FDB), like vxlan_xmit.
 
@@ -217,6 +220,16 @@ class Internode:
         for lease in flannel.leases():   # leases the FlannelNode already knew
             self._program(lease)
         return port_id
+
+    def tunnel_address(self, out: Port) -> int | None:
+        """The address the tunnel device holds (flannel.1: its lease's network address, /32), for
+        `out` the tunnel port; None otherwise. MASQUERADE out of flannel.1 picks it, so a NodePort
+        connection sent to another node's pod arrives from <this node's subnet>.0, and its replies
+        come back through the tunnel."""
+        tunnel = self.tunnel
+        if tunnel is None or out.id != tunnel.port:
+            return None
+        return pk.ip_int(tunnel.flannel.own.gateway)
 
     def set_tunnel_gso(self, enabled: bool) -> None:
         """Whether the uplink takes whole VXLAN super-frames (its TAP negotiated UDP tunnel GSO):
