@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("exec", help="run a command inside a pod (or, with --external, on the external client)")
     ex.add_argument("-n", "--namespace")
-    ex.add_argument("--external", action="store_true", help="on the external client of the node's uplink")
+    ex.add_argument("--external", action="store_true",
+                    help="on the external client (a lab's: on the node's uplink; a cluster's: on the underlay)")
     ex.add_argument("pod", nargs="?")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(func=cmd_exec)

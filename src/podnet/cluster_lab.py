@@ -6,7 +6,9 @@ trio process, sharing one embedded store (`podnet.store.EmbeddedStore`) through 
 about each other, as separate processes would through etcd:
 
     plan      cluster.topology: underlay addresses, every pod placed on a node
-    underlay  linux.underlay: netns `<prefix>underlay` with a bridge, journalled here
+    underlay  linux.underlay: netns `<prefix>underlay` with a bridge, journalled here, and the
+              external client `<prefix>external` on it (a veth into the bridge, the plan's address,
+              no route into the pod network): where NodePort and LoadBalancer traffic comes from
     store     the control plane (podnet.control_plane) publishes the Flannel network config,
               Namespaces, Services (ClusterIPs allocated), Pods (spec.nodeName set) and keeps the
               EndpointSlices from the pods' statuses
@@ -22,6 +24,10 @@ nodes are separate processes (or hosts) is `podnet up --store etcd://...`, which
         print((await c.exec("client", ["curl", "-s", f"http://{web.ip}:8080/"])).stdout)
 
 `run_cluster` is the same for synchronous scripts (trio in a background thread).
+
+From outside: `exec_external` runs a command on the external client. It reaches a NodePort on any
+node's address; a LoadBalancer IP is answered (ARP) by the one node MetalLB's L2 election picks
+(podnet.cluster_speaker).
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ from podnet.control_plane import ControlPlane, allocated
 from podnet.core.services.base import SyncReport
 from podnet.errors import ConfigError
 from podnet.lab import Lab, PodState, exec_in_pod
-from podnet.linux.resources import Resources, state_dir_default
-from podnet.linux.underlay import Underlay, create_underlay, remove_underlay
+from podnet.linux import names
+from podnet.linux.resources import Entry, Resources, state_dir_default
+from podnet.linux.underlay import (ExternalHost, Underlay, add_external_host, create_underlay, remove_external_host,
+                                   remove_underlay)
 from podnet.store import Store, open_store
 from podnet.runtime.background import run_in_background
 
@@ -51,17 +59,17 @@ from podnet.runtime.background import run_in_background
 class Cluster:
     """Running nodes. Datapath-level calls without a node (`statistics`, `backend`, `datapath`)
     answer for the first node; `set_backend` switches all. The control socket's per-node ops ask
-    `locate_node` for the node they name."""
+    `locate_node` for the node they name. `external` is the client outside the cluster."""
 
     def __init__(self, config: ClusterConfig, plan: ClusterPlan, store: Store, control_plane: ControlPlane,
-                 underlay: Underlay) -> None:
+                 underlay: Underlay, external: ExternalHost | None = None) -> None:
         self.config = config
         self.plan = plan
         self.store = store
         self.control_plane = control_plane
         self.underlay = underlay
         self.nodes: dict[str, ClusterNode] = {}
-        self.external = None
+        self.external = external
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -133,6 +141,11 @@ class Cluster:
         state = self.pod(pod, namespace)
         return await trio.to_thread.run_sync(exec_in_pod, state.netns, list(argv), timeout_s, input)
 
+    async def exec_external(self, argv: Sequence[str], *, timeout_s: float = 60.0,
+                            input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run `argv` on the external client (outside the cluster, on the underlay)."""
+        return await trio.to_thread.run_sync(exec_external, self.external, list(argv), timeout_s, input)
+
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Every pod Ready, the EndpointSlices saying so, and every node's backend synced to them."""
         deadline = trio.current_time() + timeout_s
@@ -147,6 +160,23 @@ def _store_for(config: ClusterConfig) -> Store:
     return open_store(config.store or "embedded")
 
 
+def exec_external(external: ExternalHost | None, argv: list[str], timeout_s: float | None = 60.0,
+                  input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run a command on a cluster's external client and wait for it (blocking)."""
+    if external is None:
+        raise ConfigError("this cluster has no external client")
+    return exec_in_pod(external.netns, argv, timeout_s, input)
+
+
+def add_external_client(resources: Resources, underlay: Underlay, plan: ClusterPlan, prefix: str
+                        ) -> tuple[ExternalHost, Entry]:
+    """The plan's external client `<prefix>external` on the underlay, journalled in `resources`
+    (blocking netlink work); `remove_external_host` removes it."""
+    spec = plan.external
+    return add_external_host(underlay, resources, names.netns_name("external", prefix), spec.ip, spec.prefixlen,
+                             spec.mac)
+
+
 @contextlib.asynccontextmanager
 async def open_cluster(manifests: Manifests | Sequence[str | os.PathLike], config: ClusterConfig | None = None,
                        *, wait_ready_s: float | None = 60.0):
@@ -156,16 +186,19 @@ async def open_cluster(manifests: Manifests | Sequence[str | os.PathLike], confi
         manifests = load_manifests(manifests)
     config = config or ClusterConfig()
     config = dataclasses.replace(config, state_dir=config.state_dir or state_dir_default())
-    plan = plan_cluster(manifests, config.underlay_cidr, config.cluster_cidr)
+    plan = plan_cluster(manifests, config.underlay_cidr, config.cluster_cidr, external_ip=config.external_ip)
     placed = allocated(plan.manifests, config)
     store = _store_for(config)
     try:
         with Resources(prefix=config.prefix, state_dir=config.state_dir) as resources:
             underlay, entry = await trio.to_thread.run_sync(create_underlay, resources)
+            external = None
             try:
+                external, external_entry = await trio.to_thread.run_sync(
+                    add_external_client, resources, underlay, plan, config.prefix)
                 control_plane = ControlPlane(store, placed, config)
                 await trio.to_thread.run_sync(control_plane.publish)
-                cluster = Cluster(config, plan, store, control_plane, underlay)
+                cluster = Cluster(config, plan, store, control_plane, underlay, external)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(control_plane.run)
 
@@ -189,6 +222,8 @@ async def open_cluster(manifests: Manifests | Sequence[str | os.PathLike], confi
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
+                if external is not None:
+                    await trio.to_thread.run_sync(remove_external_host, resources, external, external_entry)
                 await trio.to_thread.run_sync(remove_underlay, resources, underlay, entry)
     finally:
         store.close()
@@ -212,6 +247,9 @@ class SyncCluster:
 
     def exec(self, pod: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         return self._run(self.cluster.exec, pod, argv, **kw)
+
+    def exec_external(self, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        return self._run(self.cluster.exec_external, argv, **kw)
 
     def status(self) -> list[dict]:
         return self._sync(self.cluster.status)
@@ -241,4 +279,5 @@ def run_cluster(manifests, config: ClusterConfig | None = None, *, wait_ready_s:
         yield cluster
 
 
-__all__ = ["Cluster", "ClusterConfig", "SyncCluster", "open_cluster", "run_cluster"]
+__all__ = ["Cluster", "ClusterConfig", "SyncCluster", "add_external_client", "exec_external", "open_cluster",
+           "run_cluster"]

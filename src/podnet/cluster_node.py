@@ -51,6 +51,7 @@ from podnet.cluster.endpoints import PodStatus
 from podnet.cluster.model import BUILTIN_NAMESPACES, Deployment, Manifests
 from podnet.cluster.service import EndpointSlice
 from podnet.cluster.topology import ClusterConfig, NodeSpec
+from podnet.cluster_speaker import L2Speaker
 from podnet.core.datapath import NodeMode
 from podnet.core.overlay import FlannelNode, Lease, Vtep
 from podnet.core.overlay.mtu import tunnel_mtu
@@ -503,9 +504,11 @@ async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig,
     async with open_lab(manifests, lab_config(spec, config, subnet), wait_ready_s=None,
                         lab_class=ClusterNodeLab) as lab:
         node = ClusterNode(store, spec, config, lab, lease, underlay, pods=pod_source)
+        speaker = L2Speaker(store, node)   # MetalLB's L2 mode: answers ARP only for the IPs it wins
         try:
             await node.attach_uplink()
             async with trio.open_nursery() as nursery:
+                await nursery.start(speaker.run)
                 await nursery.start(node.watch_leases)
                 await nursery.start(node.watch_services)
                 await nursery.start(node.watch_pods)

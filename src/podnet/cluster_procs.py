@@ -4,8 +4,9 @@ Layer: lab. `open_cluster_processes` does what `open_cluster` does, except that 
 `podnet node join` process of its own (its own trio loop, datapath, pods and uplink TAP), so nodes
 use separate cores and one can be killed and started again:
 
-    this process   the underlay namespace (journalled), the control plane (podnet.control_plane:
-                   publish, then the EndpointSlice controller), one child per Node
+    this process   the underlay namespace and the external client on it (journalled), the control
+                   plane (podnet.control_plane: publish, then the EndpointSlice controller), one
+                   child per Node
     node process   `python -m podnet.cli node join --store etcd://... --node NAME --node-ip IP ...`,
                    started in a session of its own, its log at <state_dir>/nodes/<node>/node.log
 
@@ -35,12 +36,13 @@ import trio
 from podnet.cluster.manifest import load_manifests
 from podnet.cluster.model import Manifests
 from podnet.cluster.topology import ClusterConfig, ClusterPlan, NodeSpec, plan_cluster
+from podnet.cluster_lab import add_external_client, exec_external
 from podnet.cluster_node import node_state_dir, release_dead_journals
 from podnet.control import RemoteNode, socket_path
 from podnet.control_plane import ControlPlane, allocated, pods_from_store
 from podnet.errors import ConfigError
 from podnet.linux.resources import Entry, Resources, state_dir_default
-from podnet.linux.underlay import Underlay, create_underlay, remove_underlay
+from podnet.linux.underlay import ExternalHost, Underlay, create_underlay, remove_external_host, remove_underlay
 from podnet.store import Store, open_store
 from podnet.store.flannel import FLANNEL_PREFIX
 from podnet.store.objects import REGISTRY
@@ -84,7 +86,7 @@ class ClusterProcesses:
     """The node processes of a running cluster, and what the control plane knows of them."""
 
     def __init__(self, config: ClusterConfig, plan: ClusterPlan, store: Store, control_plane: ControlPlane,
-                 underlay: Underlay, resources: Resources) -> None:
+                 underlay: Underlay, resources: Resources, external: ExternalHost | None = None) -> None:
         self.config = config
         self.plan = plan
         self.store = store
@@ -92,7 +94,7 @@ class ClusterProcesses:
         self.underlay = underlay
         self.resources = resources
         self.nodes: dict[str, NodeProcess] = {}
-        self.external = None
+        self.external = external   # the client outside the cluster, on the underlay
         self._lock = threading.Lock()
 
     # ---- processes ------------------------------------------------------------------------------
@@ -169,6 +171,11 @@ class ClusterProcesses:
             return
         raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s: {', '.join(self.control_plane.unready())}")
 
+    async def exec_external(self, argv: Sequence[str], *, timeout_s: float = 60.0,
+                            input: bytes | None = None) -> subprocess.CompletedProcess:
+        """Run `argv` on the external client (outside the cluster, on the underlay)."""
+        return await trio.to_thread.run_sync(exec_external, self.external, list(argv), timeout_s, input)
+
     # ---- what the control socket answers ------------------------------------------------------------
 
     def status(self) -> list[dict]:
@@ -234,19 +241,21 @@ async def open_cluster_processes(manifests: Manifests | Sequence[str | os.PathLi
         raise ConfigError("Deployments run in one process with their node: use the embedded store "
                           f"(no --store) for manifests with Deployments ({manifests.deployments[0].key})")
     config = dataclasses.replace(config, state_dir=config.state_dir or state_dir_default())
-    plan = plan_cluster(manifests, config.underlay_cidr, config.cluster_cidr)
+    plan = plan_cluster(manifests, config.underlay_cidr, config.cluster_cidr, external_ip=config.external_ip)
     placed = allocated(plan.manifests, config)
     store = open_store(config.store)
     try:
         with Resources(prefix=config.prefix, state_dir=config.state_dir) as resources:
             underlay, entry = await trio.to_thread.run_sync(create_underlay, resources)
-            procs = None
+            procs = external = None
             try:
+                external, external_entry = await trio.to_thread.run_sync(
+                    add_external_client, resources, underlay, plan, config.prefix)
                 control_plane = ControlPlane(store, placed, config)
                 await trio.to_thread.run_sync(control_plane.publish)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(control_plane.run)
-                    procs = ClusterProcesses(config, plan, store, control_plane, underlay, resources)
+                    procs = ClusterProcesses(config, plan, store, control_plane, underlay, resources, external)
                     try:
                         for spec in plan.nodes:
                             procs.start_node(spec.name)
@@ -258,6 +267,8 @@ async def open_cluster_processes(manifests: Manifests | Sequence[str | os.PathLi
                             await trio.to_thread.run_sync(procs.stop_all)
                         nursery.cancel_scope.cancel()
             finally:
+                if external is not None:
+                    await trio.to_thread.run_sync(remove_external_host, resources, external, external_entry)
                 await trio.to_thread.run_sync(remove_underlay, resources, underlay, entry)
                 with contextlib.suppress(Exception):
                     await trio.to_thread.run_sync(_forget_cluster, store)
@@ -287,6 +298,10 @@ class SyncClusterProcesses:
     def exec(self, pod: str, argv: Sequence[str], *, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
         from podnet.lab import exec_in_pod
         return exec_in_pod(self.pod(pod)["netns"], list(argv), timeout_s)
+
+    def exec_external(self, argv: Sequence[str], *, timeout_s: float = 60.0,
+                      input: bytes | None = None) -> subprocess.CompletedProcess:
+        return exec_external(self.procs.external, list(argv), timeout_s, input)
 
 
 @contextlib.contextmanager

@@ -58,3 +58,24 @@ def test_errors_name_the_object_and_field():
         plan_cluster(Manifests(nodes=(Node(ObjectMeta("x", ""), addresses=(NodeAddress("InternalIP", "10.0.0.1"),)),)))
     with pytest.raises(ConfigError, match="--network"):
         ClusterConfig(network="geneve")
+
+
+def test_the_external_client_takes_the_lowest_free_underlay_address_and_never_a_taken_one():
+    from podnet.cluster.service import Service, ServicePort
+    plan = plan_cluster(Manifests(nodes=_nodes("a", "b")))
+    assert (plan.external.ip, plan.external.mac, plan.external.prefixlen) == ("172.18.0.1", "02:00:ac:12:00:01", 24)
+    # a node that holds .1 (its InternalIP), a LoadBalancer IP and an externalIP push it further up
+    lb = Service(ObjectMeta("lb"), ports=(ServicePort("http", 80),), type="LoadBalancer",
+                 load_balancer_ingress=("172.18.0.2",), external_ips=("172.18.0.3",))
+    held = (Node(ObjectMeta("c", ""), addresses=(NodeAddress("InternalIP", "172.18.0.1"),)),)
+    plan = plan_cluster(Manifests(nodes=_nodes("a") + held, services=(lb,)))
+    assert plan.external.ip == "172.18.0.4"
+    assert plan_cluster(Manifests(nodes=_nodes("a")), external_ip="172.18.0.200").external.ip == "172.18.0.200"
+    with pytest.raises(ConfigError, match=r'external_ip 172.18.0.11 is Node "a"\'s address'):
+        plan_cluster(Manifests(nodes=_nodes("a")), external_ip="172.18.0.11")
+    with pytest.raises(ConfigError, match=r"external_ip 172.18.0.2 is a LoadBalancer ingress IP of Service default/lb"):
+        plan_cluster(Manifests(nodes=_nodes("a"), services=(lb,)), external_ip="172.18.0.2")
+    with pytest.raises(ConfigError, match="not a host address of the underlay"):
+        plan_cluster(Manifests(nodes=_nodes("a")), external_ip="172.18.0.255")
+    with pytest.raises(ConfigError, match="ClusterConfig.external_ip: not an IPv4 address"):
+        ClusterConfig(external_ip="outside")

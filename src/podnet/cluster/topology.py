@@ -16,6 +16,10 @@ the scheduler would, before anything is brought up:
                        scheduler's spreading, without resources or affinities)
     a Deployment       all its pods on one node (its controller runs in that node's process): the
                        template's nodeName, else the node with the fewest pods counting its replicas
+    the external       a host outside the cluster on the underlay segment, where NodePort and
+    client             LoadBalancer traffic comes from: ClusterConfig.external_ip, else the lowest
+                       host address no node holds (<underlay>.1); never a node's address, a
+                       LoadBalancer ingress IP or an externalIP of the manifests; MAC 02:00:<address>
 
 `ClusterConfig` is what every node of one cluster shares: the pod network (vxlan as Flannel's
 vxlan backend, or direct as Flannel's host-gw: each node routes the others' pod CIDRs via their
@@ -58,6 +62,7 @@ class ClusterConfig:
     service_cidr: str = "10.96.0.0/12"
     vxlan_port: int = 4789               # IANA's; Flannel's (the kernel's default) is 8472
     vni: int = 1
+    external_ip: str | None = None       # the external client on the underlay (default: its lowest free host)
     node_lease_ttl_s: int = 40           # the kubelet's node lease, renewed every ttl / 4
     min_sync_period_s: float = 1.0
     grace_period_s: float | None = None
@@ -71,6 +76,11 @@ class ClusterConfig:
             ipaddress.IPv4Network(self.underlay_cidr, strict=True)
         except ValueError as exc:
             raise ConfigError(f"ClusterConfig.underlay_cidr {self.underlay_cidr!r}: {exc}") from None
+        if self.external_ip is not None:
+            try:
+                ipaddress.IPv4Address(self.external_ip)
+            except ValueError:
+                raise ConfigError(f"ClusterConfig.external_ip: not an IPv4 address, got {self.external_ip!r}") from None
 
     @property
     def flannel_backend(self) -> str:
@@ -129,10 +139,45 @@ def node_specs(nodes: tuple[Node, ...], underlay_cidr: str, cluster_cidr: str = 
 
 
 @dataclass(frozen=True)
+class ExternalSpec:
+    """The external client as the plan has it: a host on the underlay segment, outside the cluster."""
+
+    ip: str
+    mac: str
+    prefixlen: int            # the underlay's: node addresses and LoadBalancer IPs are on-link
+
+
+def external_spec(specs: list[NodeSpec] | tuple[NodeSpec, ...], manifests: Manifests, underlay_cidr: str,
+                  wanted: str | None = None) -> ExternalSpec:
+    """The external client's address (see the module): `wanted`, else the lowest host address of
+    the underlay that no node, LoadBalancer ingress IP or externalIP holds."""
+    net = ipaddress.IPv4Network(underlay_cidr)
+    taken = {spec.ip: f'Node "{spec.name}"\'s address' for spec in specs}
+    for svc in manifests.services:
+        for ip in svc.load_balancer_ingress:
+            taken.setdefault(ip, f"a LoadBalancer ingress IP of Service {svc.key}")
+        for ip in svc.external_ips:
+            taken.setdefault(ip, f"an externalIP of Service {svc.key}")
+    if wanted is not None:
+        address = ipaddress.IPv4Address(wanted)
+        if address not in net or address in (net.network_address, net.broadcast_address):
+            raise ConfigError(f"ClusterConfig.external_ip {wanted} is not a host address of the underlay {net}")
+        if wanted in taken:
+            raise ConfigError(f"ClusterConfig.external_ip {wanted} is {taken[wanted]}")
+        ip = wanted
+    else:
+        ip = next((str(a) for a in net.hosts() if str(a) not in taken), None)
+        if ip is None:
+            raise ConfigError(f"the underlay {net} has no address left for the external client")
+    return ExternalSpec(ip, _mac(0x02, ip), net.prefixlen)
+
+
+@dataclass(frozen=True)
 class ClusterPlan:
     nodes: tuple[NodeSpec, ...]
     manifests: Manifests                     # every pod with spec.nodeName set
     deployments: dict[str, str]              # "namespace/name" -> node name
+    external: ExternalSpec | None = None     # the external client on the underlay
 
     def node(self, name: str) -> NodeSpec:
         for spec in self.nodes:
@@ -148,8 +193,9 @@ class ClusterPlan:
 
 
 def plan_cluster(manifests: Manifests, underlay_cidr: str = ClusterConfig.underlay_cidr,
-                 cluster_cidr: str = ClusterConfig.cluster_cidr) -> ClusterPlan:
-    """Addresses for the Nodes of `manifests` and a node for every pod (see the module)."""
+                 cluster_cidr: str = ClusterConfig.cluster_cidr, *, external_ip: str | None = None) -> ClusterPlan:
+    """Addresses for the Nodes of `manifests` and the external client, and a node for every pod
+    (see the module)."""
     if not manifests.nodes:
         raise ConfigError("a cluster needs Node objects in the manifests (kind: Node, one per node)")
     specs = node_specs(manifests.nodes, underlay_cidr, cluster_cidr)
@@ -185,8 +231,9 @@ def plan_cluster(manifests: Manifests, underlay_cidr: str = ClusterConfig.underl
             deployment = dataclasses.replace(deployment, template=dataclasses.replace(template, node_name=node))
         deployments.append(deployment)
     placed_manifests = dataclasses.replace(manifests, pods=tuple(pods), deployments=tuple(deployments))
-    return ClusterPlan(tuple(specs), placed_manifests, placed)
+    external = external_spec(specs, manifests, underlay_cidr, external_ip)
+    return ClusterPlan(tuple(specs), placed_manifests, placed, external)
 
 
-__all__ = ["ClusterConfig", "ClusterPlan", "FLANNEL_BACKENDS", "NETWORKS", "NodeSpec", "node_specs",
-           "plan_cluster"]
+__all__ = ["ClusterConfig", "ClusterPlan", "ExternalSpec", "FLANNEL_BACKENDS", "NETWORKS", "NodeSpec",
+           "external_spec", "node_specs", "plan_cluster"]

@@ -9,7 +9,7 @@ nothing leaves it - the machine's own interfaces never see pod or node traffic.
 
     node-1 datapath ══fd══ TAP ─┐
     node-2 datapath ══fd══ TAP ─┼─ br0          (netns <prefix>underlay)
-    node-3 datapath ══fd══ TAP ─┘   └─ veth ── a kernel node, an external client (tests, demo)
+    node-3 datapath ══fd══ TAP ─┘   └─ veth ── a kernel node, the cluster's external client
 
 `capture_underlay` records every frame the bridge sees with an AF_PACKET socket into a pcap file
 (tshark reads it; `-d udp.port==4789,vxlan` decodes the overlay).
@@ -131,6 +131,38 @@ def add_veth_host(underlay: Underlay, resources: Resources, netns: str, *, ifnam
     return entry
 
 
+@dataclass(frozen=True)
+class ExternalHost:
+    """A host outside the cluster on the underlay segment (`add_external_host`)."""
+
+    netns: str
+    ip: str
+    mac: str
+
+
+def add_external_host(underlay: Underlay, resources: Resources, netns: str, ip: str, prefixlen: int,
+                      mac: str) -> tuple[ExternalHost, Entry]:
+    """A client outside the cluster on the underlay segment (`add_veth_host`, then `ip link set eth0
+    address MAC` and `ip addr add IP/PREFIXLEN dev eth0`): it reaches the nodes' addresses and the
+    LoadBalancer IPs a node answers ARP for on-link, and has no route into the pod network, as a
+    host on the nodes' L2 segment has none. On failure nothing stays."""
+    entry = add_veth_host(underlay, resources, netns)
+    try:
+        with open_iproute(netns) as ipr:
+            index = ipr.link_lookup(ifname="eth0")[0]
+            ipr.link("set", index=index, address=mac)
+            ipr.addr("add", index=index, address=ip, prefixlen=prefixlen)
+    except BaseException:
+        remove_external_host(resources, ExternalHost(netns, ip, mac), entry)
+        raise
+    return ExternalHost(netns, ip, mac), entry
+
+
+def remove_external_host(resources: Resources, host: ExternalHost, entry: Entry) -> None:
+    delete_netns(host.netns)   # its veth goes with it, and so does the peer in the bridge
+    resources.forget(entry)
+
+
 class UnderlayCapture:
     """Every frame the underlay's bridge sees, written to a pcap file (Ethernet link type) until
     `stop()`. Outgoing and incoming copies of a frame on the bridge are one frame: the socket is
@@ -190,5 +222,6 @@ class UnderlayCapture:
             self.stop()
 
 
-__all__ = ["BRIDGE", "Underlay", "UnderlayCapture", "add_veth_host", "attach_underlay", "create_underlay",
-           "open_uplink", "remove_underlay", "underlay_netns"]
+__all__ = ["BRIDGE", "ExternalHost", "Underlay", "UnderlayCapture", "add_external_host", "add_veth_host",
+           "attach_underlay", "create_underlay", "open_uplink", "remove_external_host", "remove_underlay",
+           "underlay_netns"]
