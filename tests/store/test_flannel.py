@@ -342,3 +342,58 @@ async def test_keep_subnet_lease_outlives_an_etcd_restart(etcd_server, etcd_rest
         assert raised.group_contains(SubnetLeaseLost, match="lease has been revoked")
     finally:
         store.close()
+
+
+async def test_a_lease_granted_for_a_renewal_whose_write_failed_is_revoked():
+    """The store goes away between a renewal's grant and its write: the granted store lease holds
+    no key, and must not be left to run out its TTL (24 h in flannel). It is revoked on the spot if
+    the store answers; the second time the revoke fails too, and the lease is revoked at the next
+    renewal that reaches the store. The renewals go on and the key stays this node's."""
+    from podnet.store import StoreUnavailable
+    store = _faulty()
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=trio.current_time(), ttl_s=60)
+    granted, failed_writes, failed_revokes, renewals = [], [], [], []
+    store.after("grant", lambda call: granted.append(call.result.id))
+
+    def fail_two_writes(call):   # before the write: it does not happen
+        if call.key == lease.key and len(failed_writes) < 2:
+            failed_writes.append(granted[-1])
+            raise StoreUnavailable("etcd went away after the grant")
+
+    def fail_the_second_cleanup(call):
+        if len(failed_writes) == 2 and not failed_revokes:
+            failed_revokes.append(call.op)
+            raise StoreUnavailable("etcd is still away")
+
+    store.before("update", fail_two_writes)
+    store.before("lease_keys", fail_the_second_cleanup)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=59.8, on_renew=renewals.append))
+            await _until(lambda: len(renewals) >= 2, "renewals after the failed writes")
+            nursery.cancel_scope.cancel()
+        assert len(failed_writes) == 2 and failed_revokes == ["lease_keys"]
+        for lease_id in failed_writes:   # each revoked: the first at once, the second at the next renewal
+            assert store.time_to_live(lease_id) is None, f"lease {lease_id:x} left to run out its TTL"
+        kv = store.get(lease.key)
+        assert kv.lease == renewals[-1].lease_id and store.time_to_live(kv.lease) is not None
+        assert LeaseAttrs.from_json(kv.value) == attrs("node-a")
+    finally:
+        store.close()
+
+
+def test_a_write_whose_answer_was_lost_keeps_its_lease(h):
+    """The write went through and only its answer was lost: the new store lease holds the key, and
+    is not revoked (that would delete the key); a retry adopts it (test_a_renewal_whose_answer_...)."""
+    from podnet.store import StoreUnavailable
+    from podnet.testing.store import FaultyStore
+    store = FaultyStore(h.store)
+    write_network_config(store, "10.244.0.0/16")
+    lease = acquire_subnet_lease(store, attrs("node-a"), now=0.0, ttl_s=60)
+    hook = store.after("update", lambda call: (_ for _ in ()).throw(StoreUnavailable("answer lost")))
+    with pytest.raises(StoreUnavailable):
+        renew_subnet_lease(store, lease, now=1.0)
+    store.remove(hook)
+    kv = store.get(lease.key)
+    assert kv.mod_revision > lease.mod_revision and kv.lease != lease.lease_id
+    assert store.time_to_live(kv.lease) is not None and store.lease_keys(kv.lease) == [lease.key]

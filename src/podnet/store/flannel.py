@@ -36,7 +36,8 @@ it, as flanneld does, rather than stop.
 
 Differences from flanneld: renewals and reuse write with update-if-revision rather than a blind
 put, so a node can never overwrite a subnet that expired and was taken by another node meanwhile;
-a lease left without keys by a renewal is revoked at once instead of running out its 24 h; a lost
+a lease left without keys by a renewal is revoked at once instead of running out its 24 h, and so
+is one granted for a write that then failed (once the store answers again, if need be); a lost
 create race is retried, as flanneld's loop means to (in the sources read, its createSubnet reports
 the loss as errSubnetAlreadyexists while the loop retries only on etcd's ErrDuplicateKey, so
 flanneld gives up instead). IPv4 only (no `&<v6>` key suffix, no IPv6Network).
@@ -315,9 +316,15 @@ def _free_subnets(config: NetworkConfig, leases: list[SubnetLease]) -> list[IPv4
 
 
 def _write(store: Store, subnet: IPv4Network, attrs: LeaseAttrs, ttl_s: int, now: float,
-           mod_revision: int | None) -> SubnetLease:
+           mod_revision: int | None, unrevoked: set[int] | None = None) -> SubnetLease:
     """Write the lease key under a new store lease: create-if-absent (mod_revision None) or
-    update-if-revision. Raises KeyExists / RevisionConflict after revoking the new lease."""
+    update-if-revision. Raises KeyExists / RevisionConflict after revoking the new lease.
+
+    A write that fails otherwise (the store went away between the grant and the write) leaves
+    the new lease with no key, to run out its TTL (24 h) unless revoked: it is revoked if it holds
+    no key (the write may have gone through with its answer lost: then the key is on it and stays,
+    for a retry to adopt). A revoke that cannot reach the store either adds the lease's id to
+    `unrevoked`, for the caller to revoke once the store is back (`revoke_unused`)."""
     lease = store.grant(ttl_s)
     key = subnet_key(subnet)
     try:
@@ -332,7 +339,27 @@ def _write(store: Store, subnet: IPv4Network, attrs: LeaseAttrs, ttl_s: int, now
         except LeaseNotFound:
             pass
         raise
+    except StoreError:
+        if unrevoked is None:
+            unrevoked = set()
+        unrevoked.add(lease.id)
+        revoke_unused(store, unrevoked)
+        raise
     return SubnetLease(subnet, attrs, lease.id, revision, lease.ttl_s, now + lease.ttl_s)
+
+
+def revoke_unused(store: Store, lease_ids: set[int]) -> None:
+    """Revoke each lease of `lease_ids` that holds no key (granted for a write that failed), and
+    take it out of the set, with those that hold a key or ended; the ones the store could not be
+    asked about stay in the set."""
+    for lease_id in sorted(lease_ids):
+        try:
+            if revoke_if_unused(store, lease_id):
+                log.info("lease %x: granted for a write that failed, revoked", lease_id)
+        except StoreError as exc:
+            log.info("lease %x: granted for a write that failed, not revoked yet: %s", lease_id, exc)
+            continue
+        lease_ids.discard(lease_id)
 
 
 def acquire_subnet_lease(store: Store, attrs: LeaseAttrs, *, now: float,
@@ -376,12 +403,14 @@ def acquire_subnet_lease(store: Store, attrs: LeaseAttrs, *, now: float,
                      f"{attrs.public_ip}")
 
 
-def renew_subnet_lease(store: Store, lease: SubnetLease, *, now: float) -> SubnetLease:
+def renew_subnet_lease(store: Store, lease: SubnetLease, *, now: float,
+                       unrevoked: set[int] | None = None) -> SubnetLease:
     """Write the lease again under a new store lease (RenewLease). SubnetLeaseLost if the key is
-    gone or no longer the one this node wrote."""
+    gone or no longer the one this node wrote. A store lease granted for a write that failed and
+    that could not be revoked then is added to `unrevoked` (see `_write`)."""
     try:
         renewed = _write(store, lease.subnet, lease.attrs, lease.ttl_s or SUBNET_TTL_S, now,
-                         lease.mod_revision)
+                         lease.mod_revision, unrevoked)
     except RevisionConflict as exc:
         raise SubnetLeaseLost(f"{lease.key}: lease lost ({exc})") from None
     if lease.lease_id:
@@ -409,9 +438,12 @@ async def keep_subnet_lease(store: Store, lease: SubnetLease, *,
     was compacted meanwhile reads the key instead, and only a key that is gone or was written by
     someone else is lost. A renewal that cannot reach the store is tried again after a backoff; if
     the first try was written but its answer lost, the retry finds the key moved on with this
-    node's own value and adopts it rather than calling the lease lost."""
+    node's own value and adopts it rather than calling the lease lost. A store lease granted for a
+    renewal whose write failed is revoked (once the store answers again, if it did not then),
+    unless the write went through and the key is on it."""
     current = lease
     lost: SubnetLeaseLost | None = None
+    unrevoked: set[int] = set()   # store leases granted for failed writes, not revoked yet
     renewing = trio.Lock()  # while held, `current` is what the store holds (no renewal in flight)
 
     async def renew_forever(cancel_scope: trio.CancelScope) -> None:
@@ -425,7 +457,8 @@ async def keep_subnet_lease(store: Store, lease: SubnetLease, *,
             try:
                 async with renewing:
                     current = await trio.to_thread.run_sync(
-                        lambda: _renew(store, held, now=now, retry=retry, first_try=first_try))
+                        lambda: _renew(store, held, now=now, retry=retry, first_try=first_try,
+                                       unrevoked=unrevoked))
             except StoreUnavailable as exc:
                 failures = await back_off(held.key, exc, failures, then="renewing")
                 continue
@@ -487,11 +520,21 @@ async def keep_subnet_lease(store: Store, lease: SubnetLease, *,
 
 
 def _renew(store: Store, held: SubnetLease, *, now: float, retry: bool,
-           first_try: float) -> SubnetLease:
+           first_try: float, unrevoked: set[int]) -> SubnetLease:
     """renew_subnet_lease; on a retry, a key that moved on with this node's own value is the
-    earlier try's write, whose answer was lost: adopted (its expiry counted from the first try)."""
+    earlier try's write, whose answer was lost: adopted (its expiry counted from the first try).
+    Then the store leases of failed tries that are still there and hold no key are revoked."""
+    renewed = _renew_or_adopt(store, held, now=now, retry=retry, first_try=first_try,
+                              unrevoked=unrevoked)
+    if unrevoked:
+        revoke_unused(store, unrevoked)
+    return renewed
+
+
+def _renew_or_adopt(store: Store, held: SubnetLease, *, now: float, retry: bool,
+                    first_try: float, unrevoked: set[int]) -> SubnetLease:
     try:
-        return renew_subnet_lease(store, held, now=now)
+        return renew_subnet_lease(store, held, now=now, unrevoked=unrevoked)
     except SubnetLeaseLost:
         if not retry:
             raise
