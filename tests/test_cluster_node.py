@@ -4,12 +4,15 @@ runs its Lab (datapath, Service backend, sync loop) with no root, against the em
 What is checked: a lease the node cannot read is skipped and counted while every good peer is
 programmed (before, one bad VtepMAC or VNI ended the node, and kept it from starting again while the
 lease lived); `wait_synced(R)` returns only once both the Services and the EndpointSlices have every
-change up to R (before, the newer of the two reflectors' revisions stood for both).
+change up to R (before, the newer of the two reflectors' revisions stood for both); a Service,
+EndpointSlice or Pod the node cannot read is skipped and counted, a Service rewritten badly keeps
+serving its last good version (before, one bad object ended the node).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -23,7 +26,7 @@ from podnet.cluster_node import ClusterNode, ClusterNodeLab, lab_config
 from podnet.lab import open_lab
 from podnet.store import EmbeddedStore
 from podnet.store.flannel import LeaseAttrs, acquire_subnet_lease, subnet_key, write_network_config
-from podnet.store.objects import encode, kind_prefix, object_key
+from podnet.store.objects import encode, key_of, kind_prefix, object_key
 from podnet.testing.store import FaultyStore
 
 SPECS = node_specs(tuple(Node(ObjectMeta(f"node-{i}", "")) for i in (1, 2, 3)), "172.18.0.0/24")
@@ -145,3 +148,71 @@ async def test_wait_synced_waits_for_the_services_and_the_slices_both(tmp_path):
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _bad_service(name: str, port) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.99", "selector": {"app": name}, "ports": [{"port": port}]}}
+
+
+async def test_a_service_slice_or_pod_the_node_cannot_read_is_skipped_and_counted(tmp_path):
+    store = EmbeddedStore()
+    web = _service()
+    store.put(object_key(web), encode(web))
+    store.put(object_key(_slice(web)), encode(_slice(web)))
+    bad = {   # in the store before the node starts: its first listing has them
+        store_put(store, key_of("Service", "default", "broken"),
+                  _bad_service("broken", "eighty")): "spec.ports[0].port",
+        store_put(store, "/registry/endpointslices/default/web-zzzzz", "{not json"): "not JSON",
+    }
+    try:
+        async with running_node(store, tmp_path) as node, trio.open_nursery() as nursery:
+            await nursery.start(node.watch_services)
+            await nursery.start(node.watch_pods)
+            await node.wait_synced(store.revision())
+            assert [s.name for s in node.lab.manifests.services] == ["web"]
+            assert [s.name for s in node.lab.cluster_slices] == [_slice(web).name]
+            assert node.objects_skipped == 2 and sorted(node.bad_objects) == sorted(bad)
+            for key, field in bad.items():   # the reason names the field
+                assert field in node.bad_objects[key], node.bad_objects[key]
+            assert _backends(node, "10.96.0.10") == ["10.244.2.2:8080"]
+
+            # while it runs: web rewritten badly keeps its last good version and its backends; a
+            # Service written after it is served (the watch went on)
+            web_key = object_key(web)
+            store_put(store, web_key, dict(json.loads(encode(web)), spec={"ports": [{"port": 0}]}))
+            api = dataclasses.replace(web, meta=ObjectMeta("api", "default"), cluster_ip="10.96.0.11")
+            revision = store.put(object_key(api), encode(api))
+            await node.wait_synced(revision)
+            assert sorted(s.name for s in node.lab.manifests.services) == ["api", "web"]
+            assert node.objects_skipped == 3 and "spec.ports[0].port" in node.bad_objects[web_key]
+            assert _backends(node, "10.96.0.10") == ["10.244.2.2:8080"]
+            # a pod value it cannot read: skipped and counted, the pod watch goes on
+            store.put(key_of("Pod", "default", "mangled"), b'{"kind": "Pod", "metadata": []}')
+            await _until(lambda: node.objects_skipped == 4, "the bad pod")
+            assert "metadata: must be an object" in node.bad_objects[key_of("Pod", "default", "mangled")]
+            # the bad keys deleted: gone, and no longer reported
+            store.delete(web_key)
+            store.delete(key_of("Service", "default", "broken"))
+            await node.wait_synced(store.delete(key_of("Pod", "default", "mangled")))
+            assert [s.name for s in node.lab.manifests.services] == ["api"]
+            assert sorted(node.bad_objects) == ["/registry/endpointslices/default/web-zzzzz"]
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+def store_put(store, key: str, value: dict | str) -> str:
+    store.put(key, value if isinstance(value, str) else json.dumps(value))
+    return key
+
+
+def _backends(node, cluster_ip: str) -> list[str]:
+    """What the node's Service backend (iptables) has programmed for `cluster_ip`: its DNATs."""
+    dump = node.lab.backend.dump().splitlines()
+    chains = {line.split("-j ")[1].split()[0] for line in dump
+              if f"-d {cluster_ip}/32" in line and "-j KUBE-SVC-" in line}
+    seps = {line.split("-j ")[1].split()[0] for line in dump
+            if any(line.startswith(f"-A {chain} ") for chain in chains) and "-j KUBE-SEP-" in line}
+    return sorted(line.split("--to-destination ")[1].split()[0] for line in dump
+                  if any(line.startswith(f"-A {sep} ") for sep in seps) and "--to-destination" in line)

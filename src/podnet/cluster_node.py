@@ -27,7 +27,12 @@ survive a crash), so pods come back with the same addresses.
 Invariants:
 - Only this node's pods are in its Lab; every other pod is reached through routes the leases made.
 - Pod status in the store is written by the pod's node alone, only when it changes, and never
-  re-creates the key of a pod that was deleted.
+  re-creates the key of a pod that was deleted. It is the status alone (compare-and-swap on the
+  key's mod_revision): labels or a spec someone else wrote meanwhile are never written back.
+- One object the node cannot read (a Namespace, Pod, Service or EndpointSlice: `ObjectView`; a
+  lease) never stops it: it is logged with its key and the field, counted (`objects_skipped`,
+  `leases_skipped`) and skipped, the key keeping its last good version, as kube-proxy keeps the
+  last object its informer delivered (the API server never delivers an invalid one).
 - `slices_revision` is a revision the Service view has every change up to: `wait_synced(R)`
   returns only once both the Services and the EndpointSlices are there.
 - Leaving (cancellation, an error) deregisters the node, then tears the Lab down. The subnet lease
@@ -48,7 +53,7 @@ from pathlib import Path
 import trio
 
 from podnet.cluster.endpoints import PodStatus
-from podnet.cluster.model import BUILTIN_NAMESPACES, Deployment, Manifests
+from podnet.cluster.model import BUILTIN_NAMESPACES, Deployment, Manifests, Pod
 from podnet.cluster.service import EndpointSlice
 from podnet.cluster.topology import ClusterConfig, NodeSpec
 from podnet.cluster_speaker import L2Speaker
@@ -61,13 +66,15 @@ from podnet.linux.resources import Resources, process_matches
 from podnet.linux.tap import Tap
 from podnet.linux.underlay import Underlay, open_uplink
 from podnet.runtime.ports import FdPort
-from podnet.store import Event, EventType, KeyValue, RevisionConflict, Store, StoreUnavailable
+from podnet.store import (Event, EventType, KeyExists, KeyValue, RevisionConflict, Store,
+                          StoreUnavailable)
 from podnet.store.flannel import (LeaseAttrs, SubnetLease, acquire_subnet_lease, keep_subnet_lease,
                                   parse_lease, parse_subnet_key, read_network_config, renew_subnet_lease,
                                   SUBNETS_PREFIX)
 from podnet.store.informer import Reflector, back_off
 from podnet.store.nodes import keep_node_registered
-from podnet.store.objects import decode, encode, key_of, kind_prefix, object_key, parse_key
+from podnet.store.objects import (ObjectView, encode, key_of, kind_prefix, object_key, parse_key,
+                                  update_pod_status)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +125,8 @@ class ClusterNode:
     (None: a fresh one, whose first listing starts the pods the Lab lacks)."""
 
     def __init__(self, store: Store, spec: NodeSpec, config: ClusterConfig, lab: ClusterNodeLab,
-                 lease: SubnetLease, underlay: Underlay | None, *, pods: Reflector | None = None) -> None:
+                 lease: SubnetLease, underlay: Underlay | None, *, pods: Reflector | None = None,
+                 views: dict[str, ObjectView] | None = None) -> None:
         self.store = store
         self.spec = spec
         self.config = config
@@ -130,6 +138,8 @@ class ClusterNode:
         self.peers: dict[str, SubnetLease] = {}       # other nodes' leases, by subnet
         self.bad_leases: dict[str, str] = {}          # lease keys not programmed now, and why
         self.leases_skipped = 0                       # lease events skipped as unreadable, in all
+        # the decoded objects of each kind the node reads (see objects_skipped), by kind
+        self.views = views if views is not None else object_views(spec.name)
         self.slices_revision = 0                      # the store revision the Service view is at
         self._tap: Tap | None = None
         self._starting: set[str] = set()
@@ -151,6 +161,17 @@ class ClusterNode:
     @property
     def datapath(self):
         return self.lab.datapath
+
+    @property
+    def bad_objects(self) -> dict[str, str]:
+        """The keys of Namespaces, Pods, Services and EndpointSlices whose value now cannot be
+        read, and why (the key's last good version, if any, is what the node uses)."""
+        return {key: why for view in self.views.values() for key, why in view.bad.items()}
+
+    @property
+    def objects_skipped(self) -> int:
+        """Object values skipped as unreadable, in all (each key and revision once)."""
+        return sum(view.skipped for view in self.views.values())
 
     @property
     def flannel(self) -> FlannelNode | None:
@@ -272,10 +293,12 @@ class ClusterNode:
         dirty = False
 
         def apply() -> None:
-            lab = self.lab
-            lab.manifests = dataclasses.replace(
-                lab.manifests, services=tuple(decode(kv).obj for kv in services.cache.values()))
-            lab.cluster_slices = tuple(decode(kv).obj for kv in slices.cache.values())
+            # a value that cannot be read is skipped, its key keeping its last good version: one
+            # bad Service or EndpointSlice must not stop the node, nor take a Service away
+            lab, views = self.lab, self.views
+            lab.manifests = dataclasses.replace(lab.manifests, services=tuple(
+                stored.obj for stored in views["Service"].sync(services.cache.values())))
+            lab.cluster_slices = tuple(stored.obj for stored in views["EndpointSlice"].sync(slices.cache.values()))
             self.slices_revision = min(services.revision, slices.revision)
             lab.endpoints_changed()
 
@@ -322,15 +345,17 @@ class ClusterNode:
             self._pod_event(event)
 
     def _pod_event(self, event: Event) -> None:
-        lab = self.lab
+        lab, view = self.lab, self.views["Pod"]
         if event.type is EventType.PUT:
-            pod = _decode_pod(event.kv, self.name)
+            stored = view.put(event.kv)   # an unreadable value: the pod's last good version, or None
+            pod = stored.obj if stored is not None else None
             if pod is not None and pod.node_name == self.name and pod.key not in lab.pods \
                     and pod.key not in self._starting:
                 self._starting.add(pod.key)
                 self._in_store.add(event.key)
                 lab._nursery.start_soon(self._start_pod, pod)
             return
+        view.delete(event.key)
         try:
             _, namespace, name = parse_key(event.key)
         except ValueError:
@@ -355,62 +380,75 @@ class ClusterNode:
     async def _learn_namespace(self, namespace: str) -> None:
         """The Namespaces were read when the node started; one created since is read from the
         store when a pod in it arrives (the API server admits no pod into a Namespace that does not
-        exist, so it is there by then). Still missing: add_pod refuses the pod, naming it."""
+        exist, so it is there by then). Still missing, or unreadable (skipped and counted): add_pod
+        refuses the pod, naming it."""
         lab = self.lab
         if namespace in BUILTIN_NAMESPACES or any(ns.name == namespace for ns in lab.manifests.namespaces):
             return
         kv = await trio.to_thread.run_sync(self.store.get, key_of("Namespace", "", namespace))
         if kv is None or any(ns.name == namespace for ns in lab.manifests.namespaces):
             return
-        lab.manifests = dataclasses.replace(lab.manifests,
-                                            namespaces=(*lab.manifests.namespaces, decode(kv).obj))
+        if (stored := self.views["Namespace"].put(kv)) is None:
+            return
+        lab.manifests = dataclasses.replace(lab.manifests, namespaces=(*lab.manifests.namespaces, stored.obj))
         log.info("node %s: namespace %s", self.name, namespace)
 
     async def publish_status(self) -> None:
         """The kubelet's status manager: each pod's IP, readiness and termination, written when
-        they change; a pod that left the node has its key deleted. A status goes over the pod's key
-        as it stands (update-if-revision), never re-creating a key deleted meanwhile: that pod's
-        DELETE reaches watch_pods, which deletes it (the kubelet's status patch of a deleted pod
-        fails as NotFound). The node's own Deployments' replicas have their keys created by their
-        first status. An unreachable store is waited out."""
-        written: dict[str, bytes] = {}
+        they change; a pod that left the node has its key deleted. Only the status is written, as
+        the kubelet writes the pods/status subresource (`update_pod_status`: read the key, replace
+        its status, compare-and-swap on its mod_revision, read again on a conflict): labels or a
+        spec someone changed meanwhile stay. A status never re-creates a key deleted meanwhile:
+        that pod's DELETE reaches watch_pods, which deletes it (the kubelet's status patch of a
+        deleted pod fails as NotFound). The node's own Deployments' replicas have their keys
+        created by their first status. An unreachable store is waited out; a status that lost
+        every compare-and-swap is tried again at the next change, or within 10 s."""
+        written: dict[str, PodStatus] = {}
         lab = self.lab
         failures = 0
         while True:
             generation = lab.generation
-            current = {object_key(p.pod): encode(p.pod, PodStatus(p.ip, p.ready, p.terminating, self.name))
+            current = {object_key(p.pod): (p.pod, PodStatus(p.ip, p.ready, p.terminating, self.name))
                        for p in list(lab.pods.values())}
-            changes = [(k, v, k in self._in_store) for k, v in current.items() if written.get(k) != v]
-            gone = [k for k in written if k not in current]
+            changes = [(key, pod, status, key in self._in_store) for key, (pod, status) in current.items()
+                       if written.get(key) != status]
+            gone = [key for key in written if key not in current]
             if changes or gone:
                 try:
-                    await trio.to_thread.run_sync(self._write_status, changes, gone)
+                    settled = await trio.to_thread.run_sync(self._write_status, changes, gone)
                 except StoreUnavailable as exc:
                     failures = await back_off(f"node {self.name}: pod status", exc, failures, then="writing")
                     continue
                 failures = 0
-                written = current
-                self._in_store.update(key for key, _, _ in changes)
+                for key in gone:
+                    del written[key]
+                written.update((key, current[key][1]) for key in settled)
+                self._in_store.update(settled)
             await lab.wait_state_changed(generation, trio.current_time() + 10.0)
 
-    def _write_status(self, changes: list[tuple[str, bytes, bool]], gone: list[str]) -> None:
-        """publish_status's writes (blocking: a worker thread)."""
-        store = self.store
-        for key, value, exists in changes:
+    def _write_status(self, changes: list[tuple[str, Pod, PodStatus, bool]], gone: list[str]) -> set[str]:
+        """publish_status's writes (blocking: a worker thread); the keys whose status is settled:
+        written, there already, or not to be written (the key is gone, or holds no Pod)."""
+        store, settled = self.store, set()
+        for key, pod, status, exists in changes:
             if not exists:   # a pod the node made (its Deployment's replica): its first status creates it
-                store.put(key, value)
-                continue
-            for _ in range(_STATUS_RETRIES):
-                kv = store.get(key)
-                if kv is None or kv.value == value:
-                    break
                 try:
-                    store.update(key, value, mod_revision=kv.mod_revision)
-                    break
-                except RevisionConflict:
-                    continue   # written meanwhile (the control plane): read it again
+                    store.create(key, encode(pod, status))
+                    settled.add(key)
+                    continue
+                except KeyExists:
+                    pass   # there already: its status goes in as any pod's
+            try:
+                update_pod_status(store, key, status, retries=_STATUS_RETRIES)
+            except RevisionConflict as exc:
+                log.info("node %s: status of %s: %s; writing it again later", self.name, key, exc)
+                continue
+            except ConfigError as exc:   # the key holds no Pod: the pod's next status tries again
+                log.warning("node %s: status of %s not written: %s", self.name, key, exc)
+            settled.add(key)
         for key in gone:
             store.delete(key)
+        return settled
 
     async def wait_synced(self, revision: int, timeout_s: float = 30.0) -> None:
         """Until this node's Service view has every Service and EndpointSlice change up to the
@@ -490,20 +528,19 @@ async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig,
     log.info("node %s: subnet %s, underlay %s", spec.name, subnet, spec.ip)
 
     pod_source = Reflector(store, kind_prefix("Pod"))   # watch_pods goes on from this listing
+    views = object_views(spec.name)   # an unreadable object is skipped (logged, counted), not fatal
 
     def read_objects():
-        from podnet.store.objects import list_objects
-        namespaces = tuple(o.obj for o in list_objects(store, "Namespace")[0])
+        namespaces = tuple(o.obj for o in views["Namespace"].sync(store.list(kind_prefix("Namespace"))))
         pod_source.relist()
-        pods = tuple(pod for kv in pod_source.cache.values()
-                     if (pod := _decode_pod(kv, spec.name)) is not None and pod.node_name == spec.name)
-        services = tuple(o.obj for o in list_objects(store, "Service")[0])
+        pods = tuple(o.obj for o in views["Pod"].sync(pod_source.cache.values()) if o.obj.node_name == spec.name)
+        services = tuple(o.obj for o in views["Service"].sync(store.list(kind_prefix("Service"))))
         return Manifests(namespaces=namespaces, pods=pods, services=services, deployments=tuple(deployments))
 
     manifests = await trio.to_thread.run_sync(read_objects)
     async with open_lab(manifests, lab_config(spec, config, subnet), wait_ready_s=None,
                         lab_class=ClusterNodeLab) as lab:
-        node = ClusterNode(store, spec, config, lab, lease, underlay, pods=pod_source)
+        node = ClusterNode(store, spec, config, lab, lease, underlay, pods=pod_source, views=views)
         speaker = L2Speaker(store, node)   # MetalLB's L2 mode: answers ARP only for the IPs it wins
         try:
             await node.attach_uplink()
@@ -527,14 +564,9 @@ async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig,
             await node.detach_uplink()
 
 
-def _decode_pod(kv: KeyValue, node: str):
-    """The Pod stored at `kv`, or None (logged) for a value that is not one: one bad object must
-    not stop the node."""
-    try:
-        return decode(kv).obj
-    except ConfigError as exc:
-        log.warning("node %s: %s skipped: %s", node, kv.key, exc)
-        return None
+def object_views(node: str) -> dict[str, ObjectView]:
+    """A node's views of the kinds it reads, by kind (see ClusterNode.views)."""
+    return {kind: ObjectView(kind, f"node {node}") for kind in ("Namespace", "Pod", "Service", "EndpointSlice")}
 
 
 async def _keep_lease(store: Store, node: ClusterNode) -> None:

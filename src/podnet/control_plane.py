@@ -27,6 +27,11 @@ Invariants:
 - `ready_revision` is the store revision of the slices derived while every pod was Ready on a
   registered node (0 otherwise): once a node's slice watch has reached it and the node synced,
   Service traffic reaches every backend.
+- One bad object never stops it: a Service or Pod value it cannot read is logged with its key and
+  field, counted (`objects_skipped`) and skipped, the key keeping its last good version (so its
+  slices stay as they were); an EndpointSlice it cannot read is not known to be its own, so it is
+  left alone. A store it cannot reach (etcd restarting) is waited out with a backoff, and the
+  derivation is done again from the caches and a fresh listing of the slices.
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ from podnet.cluster.endpoints import MANAGED_BY_LABEL, PodStatus, derive_endpoin
 from podnet.cluster.ipalloc import ServiceIPAllocator, allocate_services
 from podnet.cluster.model import Manifests, Pod
 from podnet.cluster.topology import ClusterConfig
-from podnet.store import Store
+from podnet.errors import ConfigError
+from podnet.store import Store, StoreUnavailable
 from podnet.store.flannel import write_network_config
-from podnet.store.informer import Reflector
-from podnet.store.objects import decode, encode, kind_prefix, object_key
+from podnet.store.informer import Reflector, back_off
+from podnet.store.objects import ObjectView, decode, encode, kind_prefix, object_key, parse_key
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +61,25 @@ def allocated(manifests: Manifests, config: ClusterConfig) -> Manifests:
     return allocate_services(manifests, ServiceIPAllocator(config.service_cidr, seed=config.seed))
 
 
-def _spec_json(value: bytes) -> dict:
-    data = json.loads(value)
+def _spec_json(value: bytes) -> dict | None:
+    """The stored Pod without its status; None for a value that is no JSON object."""
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
     data.pop("status", None)
     return data
+
+
+def _managed(kv) -> bool | None:
+    """Whether a stored EndpointSlice is the controller's (its managed-by label); None: unreadable."""
+    try:
+        labels = json.loads(kv.value).get("metadata", {}).get("labels", {})
+        return MANAGED_BY_LABEL in labels
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 class ControlPlane:
@@ -70,7 +91,20 @@ class ControlPlane:
         self.config = config
         self.ready_revision = 0
         self.slices_written = 0
+        self.reconcile_failures = 0   # derivations the store broke off (tried again after a backoff)
+        # the Services and Pods derivation reads: an unreadable value is skipped (logged, counted),
+        # the key keeping its last good version, as on the nodes
+        self.views = {kind: ObjectView(kind, "control plane") for kind in ("Pod", "Service")}
         self._changed = trio.Event()
+
+    @property
+    def bad_objects(self) -> dict[str, str]:
+        """The keys of Services and Pods whose value now cannot be read, and why."""
+        return {key: why for view in self.views.values() for key, why in view.bad.items()}
+
+    @property
+    def objects_skipped(self) -> int:
+        return sum(view.skipped for view in self.views.values())
 
     # ---- the API server's part --------------------------------------------------------------
 
@@ -88,17 +122,20 @@ class ControlPlane:
         wanted = {object_key(obj): obj for obj in (*m.namespaces, *m.services, *m.pods, *m.endpoint_slices)}
         for kind in ("Pod", "Service", "EndpointSlice"):
             for kv in store.list(kind_prefix(kind)):
-                managed = kind == "EndpointSlice" and MANAGED_BY_LABEL in json.loads(kv.value).get(
-                    "metadata", {}).get("labels", {})
-                if kv.key not in wanted and not managed:
-                    store.delete(kv.key)
+                if kv.key in wanted:
+                    continue
+                if kind == "EndpointSlice" and (managed := _managed(kv)) is not False:
+                    if managed is None:   # not known to be the controller's: not deleted
+                        log.warning("control plane: %s is unreadable; left alone", kv.key)
+                    continue
+                store.delete(kv.key)
         for key, obj in wanted.items():
             value = encode(obj)
             kv = store.get(key)
             if kv is None:
                 store.put(key, value)
             elif isinstance(obj, Pod):
-                if _spec_json(kv.value) != json.loads(value):
+                if _spec_json(kv.value) != json.loads(value):   # (an unreadable one too)
                     store.put(key, value)   # a changed spec: its old status does not apply
             elif kv.value != value:
                 store.put(key, value)
@@ -111,7 +148,7 @@ class ControlPlane:
         reflectors = {kind: Reflector(self.store, kind_prefix(kind)) for kind in ("Pod", "Node", "Service")}
         for reflector in reflectors.values():
             await trio.to_thread.run_sync(reflector.relist)
-        await trio.to_thread.run_sync(self._reconcile, self._snapshot(reflectors))
+        await self._reconcile_until_done(reflectors)
         async with trio.open_nursery() as nursery:
             for reflector in reflectors.values():
                 nursery.start_soon(self._follow, reflector)
@@ -120,7 +157,23 @@ class ControlPlane:
                 await self._changed.wait()
                 await trio.sleep(_SETTLE_S)
                 self._changed = trio.Event()
+                await self._reconcile_until_done(reflectors)
+
+    async def _reconcile_until_done(self, reflectors: dict[str, Reflector]) -> None:
+        """Derive and write the slices; a store that cannot be reached (etcd restarting) is waited
+        out with the reflectors' backoff and the derivation done again, as the endpoint slice
+        controller requeues a Service whose sync failed. Nothing is assumed of the try that
+        failed: each try derives from the caches as they are then (their watches resume from
+        the last revision they saw, or relist) and compares with a fresh listing of the slices,
+        so what a broken-off try wrote or not is found there."""
+        failures = 0
+        while True:
+            try:
                 await trio.to_thread.run_sync(self._reconcile, self._snapshot(reflectors))
+                return
+            except StoreUnavailable as exc:
+                self.reconcile_failures += 1
+                failures = await back_off("control plane: endpoint slices", exc, failures, then="deriving")
 
     async def _follow(self, reflector: Reflector) -> None:
         async for _ in reflector.aevents():
@@ -132,12 +185,13 @@ class ControlPlane:
         return {kind: list(r.cache.values()) for kind, r in reflectors.items()}
 
     def _view(self, caches: dict[str, list]):
-        services, pods, status = [], [], {}
-        nodes = {decode(kv).obj.name for kv in caches["Node"]}
-        for kv in caches["Service"]:
-            services.append(decode(kv).obj)
-        for kv in caches["Pod"]:
-            stored = decode(kv)
+        """Services, pods and their status from the caches (worker thread: only here are the
+        views changed). A node is registered while its key exists: the name is the key's, as the
+        node lifecycle controller reads only the lease, never the Node object's fields."""
+        services = [stored.obj for stored in self.views["Service"].sync(caches["Service"])]
+        pods, status = [], {}
+        nodes = {parse_key(kv.key)[2] for kv in caches["Node"] if _is_registry_key(kv.key)}
+        for stored in self.views["Pod"].sync(caches["Pod"]):
             pods.append(stored.obj)
             reported = stored.status
             if reported is None or reported.ip is None:
@@ -162,7 +216,7 @@ class ControlPlane:
                 revision = store.put(key, value)
                 written = True
         for key, kv in existing.items():
-            if key not in wanted and MANAGED_BY_LABEL in json.loads(kv.value).get("metadata", {}).get("labels", {}):
+            if key not in wanted and _managed(kv):   # (unreadable: not known to be ours, left alone)
                 revision = store.delete(key) or revision
                 written = True
         if written:
@@ -181,9 +235,18 @@ class ControlPlane:
                            f"{', '.join(self.unready()) or '?'}")
 
     def unready(self) -> list[str]:
+        """The pods not ready, for error messages: each with its node and why."""
+        try:
+            listing = self.store.list(kind_prefix("Pod"))
+        except StoreUnavailable as exc:
+            return [f"(the store cannot be read: {exc})"]
         out = []
-        for kv in self.store.list(kind_prefix("Pod")):
-            stored = decode(kv)
+        for kv in listing:
+            try:
+                stored = decode(kv)
+            except ConfigError as exc:
+                out.append(f"{kv.key} (unreadable: {exc})")
+                continue
             if stored.status is None or not stored.status.ready:
                 out.append(f"{stored.obj.key} on {stored.obj.node_name} "
                            f"({'no status yet' if stored.status is None else 'not ready'})")
@@ -194,10 +257,15 @@ def pods_from_store(store: Store, prefix: str) -> list[dict]:
     """`podnet status` rows for every pod of the cluster, as the store has them (its node reports
     IP and readiness; a pod whose node is not registered shows NodeLost, as kubectl shows Unknown)."""
     from podnet.linux import names
-    nodes = {decode(kv).obj.name for kv in store.list(kind_prefix("Node"))}
+    nodes = {parse_key(kv.key)[2] for kv in store.list(kind_prefix("Node")) if _is_registry_key(kv.key)}
     rows = []
     for kv in store.list(kind_prefix("Pod")):
-        stored = decode(kv)
+        try:
+            stored = decode(kv)
+        except ConfigError as exc:   # shown, not dropped: `podnet status` must not hide it
+            log.warning("%s", exc)
+            rows.append(_unreadable_row(kv.key, prefix))
+            continue
         pod, status = stored.obj, stored.status
         phase = "Pending" if status is None or status.ip is None else "Running"
         if status is not None and status.terminating:
@@ -211,6 +279,22 @@ def pods_from_store(store: Store, prefix: str) -> list[dict]:
                      else f"{len(pod.containers) if ready else 0}/{len(pod.containers)}",
                      "restarts": 0, "netns": names.netns_name(key, prefix)})
     return rows
+
+
+def _unreadable_row(key: str, prefix: str) -> dict:
+    from podnet.linux import names
+    _, namespace, name = parse_key(key) if _is_registry_key(key) else ("Pod", "?", key)
+    netns_key = name if namespace == "default" else f"{namespace}.{name}"
+    return {"namespace": namespace, "name": name, "ip": None, "node": None, "phase": "Unreadable",
+            "ready": "0/?", "restarts": 0, "netns": names.netns_name(netns_key, prefix)}
+
+
+def _is_registry_key(key: str) -> bool:
+    try:
+        parse_key(key)
+    except ValueError:
+        return False
+    return True
 
 
 __all__ = ["ControlPlane", "allocated", "pods_from_store"]

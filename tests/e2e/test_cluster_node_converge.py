@@ -5,6 +5,11 @@ that the test chooses where things go wrong:
 
 - a malformed peer lease (bad VtepMAC) is in the store before the nodes start, and another is
   written while they run: both nodes start, skip it, count it, and reach each other's pods;
+- a malformed Namespace, Service and EndpointSlice are in the store before the nodes start (right
+  after the control plane published): both nodes and the control plane start, skip and count them;
+- a pod is labelled (as `kubectl label` would) between its node's read of the key and its status
+  write: the write loses the compare-and-swap, reads again, and writes the status alone - the
+  label stays;
 - between node-1 listing its pods and watching them, a pod is placed on node-1 and one of its pods
   is deleted: the first is started, the second stopped, and its key is never written back;
 - every watch of the cluster breaks, as when etcd restarts, then every watch finds its history
@@ -58,10 +63,22 @@ def _ask(c, target_ip: str) -> str:
     return done.stdout.decode().strip() or f"no answer: {done.stderr.decode(errors='replace')[-300:]}"
 
 
+BAD_OBJECTS = {   # key -> value, and what the error names
+    key_of("Namespace", "", "broken"): ('{"apiVersion": "v1", "kind": "Namespace", "metadata": []}', "metadata"),
+    key_of("Service", "default", "broken"): (json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"selector": {"app": "who"}, "ports": [{"port": "eighty"}]}}), "spec.ports[0].port"),
+    "/registry/endpointslices/default/broken-zzzzz": ("{not json", "not JSON"),
+}
+
+
 class Injector:
     """node-1 starts after node-2 is up (its subnet's create waits for node-2's registration), so
     the first pod listing after that is node-1's: right after it, a pod is placed on node-1 and
-    one of node-1's pods is deleted. Writes to the deleted pod's key afterwards are recorded."""
+    one of node-1's pods is deleted. Writes to the deleted pod's key afterwards are recorded.
+    Right after the control plane published (its last call is `revision`), BAD_OBJECTS are
+    written. The first time node-1 reads the placed pod's key to write its status, the pod is
+    labelled right after the read."""
 
     def __init__(self, store: FaultyStore, late, doomed) -> None:
         self.store, self.late, self.doomed_key = store, late, object_key(doomed)
@@ -69,10 +86,27 @@ class Injector:
         self.gate_passed = threading.Event()
         self.injected_at = 0
         self.writes_to_doomed: list[str] = []
+        self.bad_written = False
+        self.labelled_at = 0
         store.before("create", self.wait_for_node2)
         store.after("list", self.inject)
+        store.after("revision", self.write_bad_objects)
+        store.after("get", self.label_late)
         for op in ("put", "create", "update"):
             store.after(op, self.record)
+
+    def write_bad_objects(self, call) -> None:
+        if not self.bad_written:
+            self.bad_written = True
+            for key, (value, _) in BAD_OBJECTS.items():
+                self.store.inner.put(key, value)
+
+    def label_late(self, call) -> None:
+        if call.key == object_key(self.late) and call.result is not None and not self.labelled_at \
+                and threading.current_thread() is not threading.main_thread():   # the node's, not the test's
+            manifest = json.loads(call.result.value)
+            manifest["metadata"]["labels"]["tier"] = "front"
+            self.labelled_at = self.store.inner.put(call.key, json.dumps(manifest))
 
     def wait_for_node2(self, call) -> None:
         if call.key == self.node1_subnet_key and not self.gate_passed.is_set():
@@ -124,6 +158,24 @@ def test_a_node_converges_through_bad_leases_missed_pods_and_broken_watches(tmp_
               "the pod deleted between node-1's listing and its watch to stop")
         assert store.get(object_key(doomed)) is None and injector.writes_to_doomed == []
         assert json.loads(store.get(object_key(late)).value)["status"]["podIP"] == late_state.ip
+
+        # the label written between node-1's read and its status write stays, beside the status
+        assert injector.labelled_at, "node-1 never read the placed pod's key to write its status"
+        stored = json.loads(store.get(object_key(late)).value)
+        assert stored["metadata"]["labels"] == {"app": "late", "tier": "front"}
+        _wait(lambda: json.loads(store.get(object_key(late)).value)["status"]["conditions"][0]["status"] == "True",
+              "the placed pod's Ready status")
+        assert json.loads(store.get(object_key(late)).value)["metadata"]["labels"]["tier"] == "front"
+
+        # the malformed Namespace, Service and EndpointSlice: skipped and counted by both nodes
+        assert injector.bad_written
+        for node in (node1, node2):
+            bad = c.call(lambda: node.bad_objects)
+            assert sorted(bad) == sorted(BAD_OBJECTS) and c.call(lambda: node.objects_skipped) == 3, bad
+            for key, (_, field) in BAD_OBJECTS.items():
+                assert field in bad[key], bad[key]
+        control_plane = c.cluster.control_plane
+        assert list(c.call(lambda: control_plane.bad_objects)) == [key_of("Service", "default", "broken")]
 
         # the malformed lease: skipped and counted by both nodes, who reach each other
         for node in (node1, node2):

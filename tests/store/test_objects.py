@@ -221,3 +221,147 @@ def test_objects_in_both_stores(h):
     events = [h.next_event(watch) for _ in range(revision - 1 + 2)]
     assert all(e.type is EventType.PUT for e in events)
     watch.close()
+
+
+# --- what a reader does with a bad value -------------------------------------------------------
+
+WRONG_TYPES = (None, 1, -1, 1.5, True, "x", "", [], [1], {}, {"a": 1}, [{}], "10.0.0.1", 70000)
+
+
+def _paths(data, path=()):
+    yield path
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _paths(value, (*path, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _paths(value, (*path, i))
+
+
+def _set(data, path, value):
+    if not path:
+        return value
+    inner = data
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return data
+
+
+def test_any_field_of_any_type_decodes_or_is_a_config_error_naming_the_key():
+    """etcd holds whatever was written: every field of every stored kind (a Pod with its status)
+    replaced by a value of every JSON type decodes, or raises ConfigError naming the key - never
+    AttributeError or TypeError (a list as metadata, a number as kind or as status.conditions
+    were), which a reader would not expect and which would end a node."""
+    import copy
+    from podnet.store import KeyValue
+    objects = list(parse_manifests(EVERY_FIELD).objects())
+    pod = next(o for o in objects if o.KIND == "Pod")
+    cases = [(obj, None) for obj in objects] + [(pod, PodStatus("10.244.1.2", True, True, "node-a", "z1"))]
+    tried = 0
+    for obj, status in cases:
+        manifest = json.loads(encode(obj, status))
+        for path in list(_paths(manifest)):
+            for value in WRONG_TYPES:
+                data = _set(copy.deepcopy(manifest), path, value)
+                kv = KeyValue(object_key(obj), json.dumps(data).encode(), 2, 2, 1)
+                tried += 1
+                try:
+                    stored = decode(kv)
+                except ConfigError as exc:
+                    assert str(exc).startswith(object_key(obj)), exc
+                    continue
+                assert stored.obj.object_key == obj.object_key
+                if stored.status is not None:   # what a node reads back is well typed
+                    assert stored.status.ip is None or isinstance(stored.status.ip, str)
+                    assert isinstance(stored.status.terminating, bool)
+    assert tried > 1000
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("podIP", 5, "status.podIP: must be a string"),
+    ("podIP", "10.244.1.300", "status.podIP: not an IP address"),
+    ("conditions", 7, "status.conditions: must be a list"),
+    ("terminating", "yes", "status.terminating: must be a boolean"),
+    ("nodeName", ["node-a"], "status.nodeName: must be a string"),
+])
+def test_a_bad_pod_status_names_its_field(field, value, message):
+    from podnet.store import KeyValue
+    pod = next(o for o in parse_manifests(EVERY_FIELD).objects() if o.KIND == "Pod")
+    data = json.loads(encode(pod, PodStatus("10.244.1.2", True)))
+    data["status"][field] = value
+    with pytest.raises(ConfigError, match=f"^/registry/pods/shop/web-1: {message}"):
+        decode(KeyValue(object_key(pod), json.dumps(data).encode(), 2, 2, 1))
+
+
+def test_an_object_at_another_objects_key_is_refused():
+    """The API server writes each object at its own key; one written elsewhere (etcdctl) is not
+    the object its key names: a Namespace under a Service's key would otherwise be served as one."""
+    from podnet.cluster.model import Namespace
+    from podnet.store import KeyValue
+    service = next(o for o in parse_manifests(EVERY_FIELD).objects() if o.KIND == "Service" and o.name == "web")
+    elsewhere = [("/registry/services/specs/shop/other", encode(service),
+                  'holds Service "shop/web", not the Service "shop/other" its key names'),
+                 (object_key(service), encode(Namespace(ObjectMeta("shop", ""))), 'holds Namespace "shop"')]
+    for key, value, message in elsewhere:
+        with pytest.raises(ConfigError, match=f"^{key}: {message}"):
+            decode(KeyValue(key, value, 2, 2, 1))
+
+
+def _service_kv(key_revision: int, port):
+    from podnet.store import KeyValue
+    data = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": port}]}}
+    return KeyValue("/registry/services/specs/shop/web", json.dumps(data).encode(), 2, key_revision, 1)
+
+
+def test_an_object_view_skips_a_bad_value_once_and_keeps_the_last_good_one(caplog):
+    from podnet.store.objects import ObjectView
+    view = ObjectView("Service", "node node-1")
+    key = "/registry/services/specs/shop/web"
+    # first seen bad: absent, reported with the key and the field
+    assert view.sync([_service_kv(2, "eighty")]) == [] and view.skipped == 1
+    assert "spec.ports[0].port" in view.bad[key]
+    assert any(key in r.getMessage() and "treated as absent" in r.getMessage() for r in caplog.records)
+    assert view.sync([_service_kv(2, "eighty")]) == [] and view.skipped == 1   # the same revision: once
+    good = view.sync([_service_kv(3, 80)])
+    assert [s.obj.ports[0].port for s in good] == [80] and view.bad == {}
+    # a good object rewritten badly: its last good version stays
+    caplog.clear()
+    kept = view.sync([_service_kv(4, 0)])
+    assert kept == good and view.skipped == 2 and key in view.bad
+    assert any("keeping its last good version (revision 3)" in r.getMessage() for r in caplog.records)
+    assert view.put(_service_kv(4, 0)) is good[0] and view.skipped == 2
+    # deleted: gone, and no longer reported
+    assert view.sync([]) == [] and view.bad == {} and view.objects == {}
+
+
+def test_update_pod_status_writes_the_status_alone(h):
+    """The node's status write (the pods/status subresource): a spec and labels someone changed
+    between the node's read and its write stay; the write lost the compare-and-swap and read again."""
+    from podnet.store.objects import update_pod_status
+    from podnet.testing.store import FaultyStore
+    store = FaultyStore(h.store)
+    pod = next(o for o in parse_manifests(EVERY_FIELD).objects() if o.KIND == "Pod")
+    key = object_key(pod)
+    store.put(key, encode(pod, PodStatus(None)))
+    relabelled = json.loads(encode(pod))
+    relabelled["metadata"]["labels"]["tier"] = "front"   # `kubectl label pod`, as it lands in etcd
+    raced = []
+
+    def relabel_between_read_and_write(call):
+        if call.key == key and not raced:
+            raced.append(store.inner.put(key, json.dumps(relabelled)))
+
+    store.after("get", relabel_between_read_and_write)
+    status = PodStatus("10.244.1.2", ready=True, node_name="node-a")
+    revision = update_pod_status(store, key, status)
+    assert raced and revision > raced[0]
+    stored = decode(store.get(key))
+    assert stored.status == status and stored.obj.meta.labels == {"app": "web", "tier": "front"}
+    assert update_pod_status(store, key, status) == revision   # unchanged: not written again
+    store.delete(key)
+    assert update_pod_status(store, key, status) is None and store.get(key) is None   # never re-created
+    store.put(key, b"{not json")
+    with pytest.raises(ConfigError, match=f"^{key}: not JSON"):
+        update_pod_status(store, key, status)

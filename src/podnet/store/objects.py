@@ -19,6 +19,13 @@ manifest in tests/ and examples/). A Pod may carry what its node reports (`PodSt
 server's metadata.deletionTimestamp), zone (a node label in Kubernetes) and nodeName (when the
 node reports one) as podnet's own status fields.
 
+The store holds whatever was written to it (etcdctl writes behind the API server's back), so a
+reader must survive a bad value: `decode` raises a ConfigError naming the key and the field for
+anything that is not the object its key names; `ObjectView` keeps a kind's decoded objects and
+skips such a value (logged, counted, the key's last good version kept). A node writes a pod's
+status alone (`update_pod_status`, the pods/status subresource: compare-and-swap on the key's
+mod_revision), never the spec someone else may have changed.
+
 Differences from Kubernetes: the API server stores core kinds as protobuf (a `k8s\\0` prefix);
 JSON is its `--storage-media-type=application/json`, readable with etcdctl. No resourceVersion,
 uid or timestamps are written: the key's mod_revision is the resourceVersion.
@@ -26,7 +33,9 @@ uid or timestamps are written: the key's mod_revision is the resourceVersion.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -38,7 +47,9 @@ from podnet.cluster.model import (BUILTIN_NAMESPACES, ClusterObject, Container, 
 from podnet.cluster.service import EndpointSlice, Service
 from podnet.errors import ConfigError
 
-from .base import KeyValue, Store
+from .base import KeyValue, RevisionConflict, Store
+
+log = logging.getLogger(__name__)
 
 REGISTRY = "/registry"
 # kind -> (resource as the API server names it in etcd, apiVersion, namespaced)
@@ -279,9 +290,14 @@ def from_manifest(data: dict[str, Any], source: str = "<store>") -> ClusterObjec
     """Parse one manifest dict with podnet's manifest parser (its checks and defaults)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: not a Kubernetes object: {data!r:.60}")
+    kind, metadata = data.get("kind"), data.get("metadata")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{source}: kind: must be a string, got {kind!r:.40}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ConfigError(f"{source}: metadata: must be an object, got {metadata!r:.40}")
     items = [data]
-    namespace = (data.get("metadata") or {}).get("namespace")
-    if RESOURCES.get(data.get("kind"), ("", "", False))[2] and isinstance(namespace, str) \
+    namespace = (metadata or {}).get("namespace")
+    if RESOURCES.get(kind, ("", "", False))[2] and isinstance(namespace, str) \
             and namespace not in BUILTIN_NAMESPACES:  # an object is decoded alone: its namespace
         items.insert(0, {"apiVersion": "v1", "kind": "Namespace",  # is declared beside it
                          "metadata": {"name": namespace}})
@@ -290,25 +306,113 @@ def from_manifest(data: dict[str, Any], source: str = "<store>") -> ClusterObjec
     return next(obj for obj in manifests.objects() if obj.KIND == data.get("kind"))
 
 
-def _parse_pod_status(data: Any) -> PodStatus | None:
-    if not isinstance(data, dict):
+def _parse_pod_status(data: Any, source: str) -> PodStatus | None:
+    """The status a node wrote (see `_pod_status`); ConfigError naming the field it cannot read."""
+    if data is None:
         return None
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                for c in data.get("conditions", ()) if isinstance(c, dict))
-    return PodStatus(ip=data.get("podIP"), ready=ready,
-                     terminating=bool(data.get("terminating", False)),
-                     node_name=data.get("nodeName"), zone=data.get("zone"))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: status: must be an object, got {data!r:.40}")
+
+    def text(name: str) -> str | None:
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{source}: status.{name}: must be a string, got {value!r:.40}")
+        return value
+
+    ip = text("podIP")
+    if ip is not None:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ConfigError(f"{source}: status.podIP: not an IP address: {ip!r:.40}") from None
+    conditions = data.get("conditions") or []
+    if not isinstance(conditions, list) or not all(isinstance(c, dict) for c in conditions):
+        raise ConfigError(f"{source}: status.conditions: must be a list of objects, got {conditions!r:.40}")
+    terminating = data.get("terminating", False)
+    if not isinstance(terminating, bool):
+        raise ConfigError(f"{source}: status.terminating: must be a boolean, got {terminating!r:.40}")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return PodStatus(ip=ip, ready=ready, terminating=terminating, node_name=text("nodeName"),
+                     zone=text("zone"))
 
 
 def decode(kv: KeyValue) -> StoredObject:
-    """The object stored at `kv`; ConfigError naming the key if its value is not one."""
+    """The object stored at `kv`; ConfigError naming the key and the field if its value is not
+    one, or is another object than the one its key names (the API server writes each object at
+    its own key; anyone with etcdctl can write anything anywhere)."""
     try:
         data = json.loads(kv.value)
     except ValueError as exc:
         raise ConfigError(f"{kv.key}: not JSON: {exc}") from None
     obj = from_manifest(data, kv.key)
-    status = _parse_pod_status(data.get("status")) if isinstance(obj, Pod) else None
+    try:
+        named = parse_key(kv.key)
+    except ValueError:
+        named = None   # not a registry key (a test's own): nothing to compare
+    if named is not None and named != obj.object_key:
+        def show(kind: str, namespace: str, name: str) -> str:
+            return f'{kind} "{namespace}/{name}"' if namespace else f'{kind} "{name}"'
+        raise ConfigError(f"{kv.key}: holds {show(*obj.object_key)}, not the {show(*named)} its "
+                          "key names")
+    status = _parse_pod_status(data.get("status"), kv.key) if isinstance(obj, Pod) else None
     return StoredObject(obj, kv.key, kv.mod_revision, kv.create_revision, kv.lease, status)
+
+
+class ObjectView:
+    """The decoded objects of one kind, kept beside a listing or a Reflector's cache (what an
+    informer's indexer holds): each key is decoded once per mod_revision.
+
+    A value that is not a valid object (`decode` raises) is skipped: logged once with its key and
+    the field that is wrong, counted in `skipped`, listed in `bad` until the key is written well or
+    deleted. The key keeps its last good version, if the view had one: Kubernetes' API server
+    validates every write, so a kube-proxy never sees an invalid object and goes on serving the
+    last one its informer delivered; a typo written into etcd behind the API server's back must
+    not take a running Service's traffic away either. A key first seen bad is absent. A key that
+    is deleted takes its object with it."""
+
+    def __init__(self, kind: str, owner: str) -> None:
+        self.kind, self.owner = kind, owner   # owner: who logs ("node node-1", "control plane")
+        self.objects: dict[str, StoredObject] = {}   # key -> its last good version
+        self.bad: dict[str, str] = {}                 # keys whose value now is unreadable, and why
+        self.skipped = 0                              # values skipped, each key and revision once
+        self._seen: dict[str, int] = {}               # key -> the mod_revision last read
+
+    def put(self, kv: KeyValue) -> StoredObject | None:
+        """Read `kv` (a listing's key, or a PUT); the key's object now - `kv`'s, or if `kv` is
+        not readable the last good one (None: there is none)."""
+        if self._seen.get(kv.key) == kv.mod_revision:
+            return self.objects.get(kv.key)
+        self._seen[kv.key] = kv.mod_revision
+        try:
+            stored = decode(kv)
+        except ConfigError as exc:
+            self.skipped += 1
+            self.bad[kv.key] = str(exc)
+            kept = self.objects.get(kv.key)
+            log.warning("%s: %s at revision %d skipped: %s; %s", self.owner, self.kind, kv.mod_revision,
+                        exc, f"keeping its last good version (revision {kept.mod_revision})"
+                        if kept is not None else "treated as absent")
+            return kept
+        self.bad.pop(kv.key, None)
+        self.objects[kv.key] = stored
+        return stored
+
+    def delete(self, key: str) -> None:
+        self._seen.pop(key, None)
+        self.objects.pop(key, None)
+        self.bad.pop(key, None)
+
+    def sync(self, kvs: Iterable[KeyValue]) -> list[StoredObject]:
+        """Bring the view to every key of the kind (a listing, a cache's values); its objects,
+        in the order of `kvs`."""
+        kvs = list(kvs)
+        for kv in kvs:
+            self.put(kv)
+        if len(self._seen) > len(kvs):
+            present = {kv.key for kv in kvs}
+            for key in [key for key in self._seen if key not in present]:
+                self.delete(key)
+        return [stored for kv in kvs if (stored := self.objects.get(kv.key)) is not None]
 
 
 # --- reads and writes ---------------------------------------------------------------------------
@@ -335,6 +439,37 @@ def list_objects(store: Store, kind: str,
     """Every stored object of a kind (in one namespace), and the revision to watch from + 1."""
     listing = store.list(kind_prefix(kind, namespace))
     return [decode(kv) for kv in listing], listing.revision
+
+
+def update_pod_status(store: Store, key: str, status: PodStatus, *, retries: int = 10) -> int | None:
+    """The kubelet's status write, as the pods/status subresource takes it: read the Pod at `key`,
+    replace its `status` and nothing else (spec and metadata stay as stored, whoever changed them
+    last), and write it back only if the key still has the mod_revision read; a conflict reads
+    again, up to `retries` times. Returns the revision written (the key's mod_revision if it had
+    this status already), or None if the key is gone: a deleted pod is never re-created.
+    ConfigError if the stored value is no Pod object; RevisionConflict after `retries` conflicts."""
+    wanted = _pod_status(status)
+    conflict: RevisionConflict | None = None
+    for _ in range(retries):
+        kv = store.get(key)
+        if kv is None:
+            return None
+        try:
+            data = json.loads(kv.value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: not JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("kind") != "Pod":
+            raise ConfigError(f"{key}: not a Pod object: {kv.value!r:.60}")
+        if data.get("status") == wanted:
+            return kv.mod_revision
+        data["status"] = wanted
+        value = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        try:
+            return store.update(key, value, mod_revision=kv.mod_revision, lease=kv.lease)
+        except RevisionConflict as exc:   # written meanwhile (its spec, or the control plane)
+            conflict = exc
+    assert conflict is not None
+    raise conflict
 
 
 def delete_object(store: Store, obj: ClusterObject) -> int | None:
