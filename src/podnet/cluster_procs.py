@@ -182,9 +182,10 @@ class ClusterProcesses:
         return pods_from_store(self.store, self.config.prefix)
 
     def services_status(self) -> list[dict]:
-        from podnet.store.objects import list_objects
+        from podnet.store.objects import ObjectView, kind_prefix
         rows = []
-        for stored in list_objects(self.store, "Service")[0]:
+        # a Service that cannot be read is logged and left out, never the whole listing
+        for stored in ObjectView("Service", "podnet status").sync(self.store.list(kind_prefix("Service"))):
             svc = stored.obj
             ports = ",".join(f"{p.port}{':' + str(p.node_port) if p.node_port else ''}/{p.protocol}" for p in svc.ports)
             rows.append({"namespace": svc.namespace, "name": svc.name, "type": svc.type,
