@@ -175,6 +175,14 @@ async def test_a_service_slice_or_pod_the_node_cannot_read_is_skipped_and_counte
             assert node.objects_skipped == 2 and sorted(node.bad_objects) == sorted(bad)
             for key, field in bad.items():   # the reason names the field
                 assert field in node.bad_objects[key], node.bad_objects[key]
+            # `podnet stats` on this node says so
+            from podnet.cli import format_stats
+            from podnet.control import ControlServer
+            reply = ControlServer(node.lab, tmp_path / "control.sock", trio.Event()).answer({"op": "stats"})
+            assert reply["store"]["objects_skipped"] == 2 and set(reply["store"]["bad_objects"]) == set(bad)
+            text = format_stats(reply["stats"], reply["sync"], reply["node"], reply["pid"], reply["store"])
+            assert "store: 2 unreadable object values and 0 unreadable subnet leases skipped" in text
+            assert all(f"store: {key} unreadable now: " in text for key in bad), text
             assert _backends(node, "10.96.0.10") == ["10.244.2.2:8080"]
 
             # while it runs: web rewritten badly keeps its last good version and its backends; a

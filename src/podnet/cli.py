@@ -59,7 +59,8 @@ def format_services(services: list[dict]) -> str:
     return _table(rows)
 
 
-def format_stats(stats: dict, sync: dict | None = None, node: str | None = None, pid: int | None = None) -> str:
+def format_stats(stats: dict, sync: dict | None = None, node: str | None = None, pid: int | None = None,
+                 store: dict | None = None) -> str:
     rows = [["PORT", "KIND", "RX-PKTS", "RX-BYTES", "TX-PKTS", "TX-BYTES"]]
     rows += [[p["name"], p["kind"], p["rx_packets"], p["rx_bytes"], p["tx_packets"], p["tx_bytes"]] for p in stats["ports"]]
     out = [f"node {node} (pid {pid})"] if node else []
@@ -78,6 +79,11 @@ def format_stats(stats: dict, sync: dict | None = None, node: str | None = None,
                    f"{sync['last_wait_ms']} ms (at most {sync['max_wait_ms']} ms)")
         for failure in sync.get("failed") or ():
             out.append(f"{sync['backend']} sync error: {failure}")
+    if store:   # a cluster node: what it could not read from the store
+        out.append(f"store: {store['objects_skipped']} unreadable object values and {store['leases_skipped']} "
+                   "unreadable subnet leases skipped")
+        for key, why in sorted({**store["bad_objects"], **store["bad_leases"]}.items()):
+            out.append(f"store: {key} unreadable now: {why}")
     return "\n".join(out)
 
 
@@ -175,10 +181,11 @@ def cmd_status(args) -> int:
 def cmd_stats(args) -> int:
     reply = request(_state_dir(args), "stats", **cli_services.live_fields(args))
     stats, sync, node, pid = reply["stats"], reply.get("sync"), reply.get("node"), reply.get("pid")
+    store = reply.get("store")
     if args.output == "json":
-        print(json.dumps({**stats, "sync": sync, "node": node, "pid": pid}, indent=2))
+        print(json.dumps({**stats, "sync": sync, "node": node, "pid": pid, "store": store}, indent=2))
     else:
-        print(format_stats(stats, sync, node, pid))
+        print(format_stats(stats, sync, node, pid, store))
     return 0
 
 

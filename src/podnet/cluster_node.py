@@ -114,6 +114,7 @@ class ClusterNodeLab(Lab):
     def __init__(self, manifests, config, resources) -> None:
         super().__init__(manifests, config, resources)
         self.cluster_slices: tuple[EndpointSlice, ...] = ()
+        self.store_health = None   # set by its ClusterNode: what it skipped from the store (`podnet stats`)
 
     def _slices(self, pods, status):
         return self.cluster_slices
@@ -140,6 +141,7 @@ class ClusterNode:
         self.leases_skipped = 0                       # lease events skipped as unreadable, in all
         # the decoded objects of each kind the node reads (see objects_skipped), by kind
         self.views = views if views is not None else object_views(spec.name)
+        lab.store_health = self.store_health
         self.slices_revision = 0                      # the store revision the Service view is at
         self._tap: Tap | None = None
         self._starting: set[str] = set()
@@ -172,6 +174,12 @@ class ClusterNode:
     def objects_skipped(self) -> int:
         """Object values skipped as unreadable, in all (each key and revision once)."""
         return sum(view.skipped for view in self.views.values())
+
+    def store_health(self) -> dict:
+        """What this node could not read from the store, for `podnet stats`: the values it skipped
+        in all, and the keys unreadable now with why."""
+        return {"objects_skipped": self.objects_skipped, "bad_objects": self.bad_objects,
+                "leases_skipped": self.leases_skipped, "bad_leases": dict(self.bad_leases)}
 
     @property
     def flannel(self) -> FlannelNode | None:

@@ -173,8 +173,10 @@ class ControlServer:
             return {"ok": False, "error": f"unknown op {op!r}"}
         lab = self.node_lab(request.get("node"))
         if op == "stats":
+            health = getattr(lab, "store_health", None)   # a cluster node: what it skipped from the store
             return {"ok": True, "node": lab.config.node_name, "pid": os.getpid(),
-                    "stats": _jsonable(lab.statistics()), "sync": lab.sync_summary()}
+                    "stats": _jsonable(lab.statistics()), "sync": lab.sync_summary(),
+                    "store": health() if health is not None else None}
         if op == "backend-view":
             from podnet.cli_backends import backend_view
             options = {**(request.get("options") or {}), "now": trio.current_time()}
