@@ -10,17 +10,25 @@ it saw — the fast path counts per flow instead — and `trace()` records each 
 
     port → eth (length, ethertype) → [bridge: learn, switch L2 frames] → arp (proxy-ARP gateway)
          → [vxlan: decapsulated, on again from the tunnel port] → ipv4 (ip_rcv's checks)
-         → rpf (a pod may only send from its own address) → route (longest prefix match)
-         → local (ICMP echo from the gateway) | ttl → [tunnel, mtu] → [neigh, vxlan] → forward
+         → rpf (a pod may only send from its own address) → conntrack (the flow's entry; an ICMP
+           error RELATED to one) → <backend> (no entry: the Service decision, DNAT or refusal)
+         → route (longest prefix match, after DNAT) → local (ICMP echo from the gateway) | ttl
+         → [tunnel, mtu] → conntrack (a NEW flow confirmed with its NAT) → nat → [neigh, vxlan]
+         → forward
 
 Other nodes (the bracketed stages on an underlay uplink: ARP neighbours, direct routes, Flannel's
 VXLAN tunnel) are core/internode's, called from hooks here; Internode.quick caches VXLAN flows.
+What happens inside the conntrack and Service stages is core/conntrack_stage's; this module keeps
+their order. The rest lives beside it too: ports and the actions on them (core/ports), the
+per-frame context that makes `trace()` run the same code as `process()` (core/tracing), the
+flow cache's layout (core/flowcache), and statistics and traces (core/stats).
 
 A frame the slow path forwards installs a flow-cache entry keyed by (in_port, protocol, addresses,
-ports). Later frames of that flow take the fast path: the same validation, a dict probe, a TTL
-decrement and a 12-byte MAC rewrite. The cache is flushed whenever ports or routes change, so it
-never answers differently from the slow path. Per-flow counters are kept on the entry and folded
-into the totals when the entry goes, so the fast path pays for one counter update, not five.
+ports); core/flowcache gives the entry's layout. Later frames of that flow take the fast path: the
+same validation, a dict probe, a TTL decrement and a 12-byte MAC rewrite. The cache is flushed
+whenever ports or routes change, so it never answers differently from the slow path. Per-flow
+counters are kept on the entry and folded into the totals when the entry goes, so the fast path
+pays for one counter update, not five.
 
 Invariants:
 - Wire input never raises: every bad frame is a `Drop` with a `DropReason`, counted.
@@ -39,82 +47,35 @@ import random
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
+from . import conntrack_stage
 from . import nat
 from . import packet as pk
-from .conntrack import REPEAT, Conntrack, Entry, Refusal
+from .conntrack import REPEAT, Conntrack, Entry
+from .flowcache import (  # the layout; core/internode imports it from here too
+    _BYTES, _CT, _DIR, _ETH, _FLOW_SWEEP_INTERVAL_S, _INMAC, _NAT, _OUT, _PEER, _PKTS, _SEEN, _VIA, _cacheable,
+)
 from .l2 import GATEWAY_IP, GATEWAY_MAC, LearningBridge, ProxyArp
-from .services.base import NO_SERVICE, Decision, ServiceBackend, Verdict
-from .services.packetinfo import CtState, PacketInfo
 from .packet import DropReason
+from .ports import DROPPED, XDP_DROPPED, Drop, Port, PortKind, Transmit, _new_tuple
 from .routing import Route, RouteTable
+from .services.base import NO_SERVICE, ServiceBackend, Verdict
+from .services.packetinfo import CtState
 from .stats import DatapathStatistics, PortStatistics, Trace, TraceStep
+from .tracing import _Ctx, describe_rewrite, hostport
 from ..errors import ConfigError
 
 # dst MAC, ethertype, then IPv4 ver_ihl, tot_len, frag, ttl, proto, src, dst and the L4 ports —
-# everything the fast path checks, read in one call
+# everything the fast path checks, read in one call. Defined here, not imported: CPython 3.11
+# compiles `name.method(...)` on a name bound by an import as LOAD_ATTR and a call (a bound method
+# made on every frame, ~40 ns each here) instead of LOAD_METHOD
 _FAST = struct.Struct("!6s6xHBxHxxHBBxxIII")
 _WORDS = struct.Struct("!5I")  # the IPv4 header as 32-bit words (2**32 == 1 modulo 0xffff, like 2**16)
-_FLOW_SWEEP_INTERVAL_S = 1.0
-_new_tuple = tuple.__new__
-
-
-class PortKind(enum.Enum):
-    POD = "pod"
-    UPLINK = "uplink"
-    TUNNEL = "tunnel"   # a VXLAN device (flannel.1): frames routed here are encapsulated onto the uplink
 
 
 class NodeMode(enum.Enum):
     ROUTED = "routed"   # Calico style: /32 pods, proxy-ARP gateway 169.254.1.1
     BRIDGE = "bridge"   # kubenet cbr0 style: pods share the node /24 behind a learning bridge
-
-
-class Transmit(NamedTuple):
-    port: int
-    frame: bytes | bytearray | memoryview
-    vnet: bytes | None = None
-
-
-class Drop(NamedTuple):
-    reason: DropReason
-    port: int
-    detail: str = ""
-
-
-@dataclass(slots=True)
-class Port:
-    id: int
-    name: str
-    kind: PortKind
-    mac: bytes            # the MAC of the device on the other side (the pod's eth0)
-    ip: int | None = None
-    local_mac: bytes = b""  # podnet's own MAC on this port: the gateway's; the node's on an underlay
-
-
-@dataclass(slots=True)
-class _Ctx:
-    """Per-frame state of the slow path: `commit` is False while tracing (no side effects)."""
-
-    now: float
-    commit: bool = True
-    steps: list[TraceStep] | None = None
-
-    def step(self, stage: str, decision: str, detail: str = "") -> None:
-        if self.steps is not None:
-            self.steps.append(TraceStep(stage, decision, detail))
-
-
-# flow-cache entry layout (a list, for speed): out port, new Ethernet dst+src, packets, bytes, last
-# seen, the conntrack entry, the direction of the flow this key is, the NAT binding (or None), the
-# MAC frames of the flow arrive addressed to, and for flows to another node the next hop's underlay
-# address (whose neighbour entry the cached MAC came from) and the VXLAN peer (core/internode)
-_OUT, _ETH, _PKTS, _BYTES, _SEEN, _CT, _DIR, _NAT, _INMAC, _VIA, _PEER = range(11)
-# what forward_fast answers for a frame it dropped itself (counted): no port has these numbers
-DROPPED = -1       # conntrack found the packet INVALID
-XDP_DROPPED = -2   # the backend's XDP program dropped it on the uplink
-_EPHEMERAL = (1024, 65535)  # the port range MASQUERADE picks from when it must move a source port
 
 
 @dataclass
@@ -436,11 +397,11 @@ class Datapath:
                                f"{pk.ip_str(info.src)} is not {port.name}'s address")]
         if info.proto == pk.IPPROTO_ICMP and info.sport >> 8 not in pk.ICMP_QUERY_TYPES:
             # an ICMP error is never a flow of its own: translated like the flow it is about
-            info = self._related(frame, info, vnet, ctx)
+            info = conntrack_stage.related(self, frame, info, vnet, ctx)
             key = None
         else:
             # a later fragment has no ports: it is forwarded as it is (podnet does not reassemble)
-            key = _ct_key(frame, info)
+            key = conntrack_stage.ct_key(frame, info)
         tcp_flags = frame[info.l4 + 13] if info.proto == pk.IPPROTO_TCP and info.first_fragment else 0
         entry: Entry | None = None
         direction = 0
@@ -463,9 +424,9 @@ class Datapath:
                          f"{entry.state.name if entry.state is not None else ''} nat {'yes' if entry.nat else 'no'}")
         decision = NO_SERVICE
         if entry is None and key is not None:
-            decision = self._decide(info, port, ctx)
+            decision = conntrack_stage.decide(self, info, port, ctx)
             if decision.verdict is not Verdict.ACCEPT:
-                return self._refuse(frame, info, port, decision, ctx)
+                return conntrack_stage.refuse(self, frame, info, port, decision, ctx)
         # where the packet goes after DNAT (new flows) or the flow's pinned NAT (tracked ones)
         dst = info.dst
         if entry is not None and entry.nat is not None:
@@ -496,7 +457,7 @@ class Datapath:
             if type(hop) is list:
                 return hop
         if entry is None and key is not None and ctx.commit:
-            made = self._track(key, info, port, decision, tcp_flags, ctx, out)
+            made = conntrack_stage.track(self, key, info, port, decision, tcp_flags, ctx, out)
             if isinstance(made, Drop):
                 return [made]
             entry = made
@@ -504,13 +465,13 @@ class Datapath:
         if binding is not None:
             nat.apply(frame, info.l4, binding, direction, vnet)
             r = binding.rewrites[direction]
-            ctx.step("nat", "reply: un-NAT" if direction else "NAT", _describe_rewrite(r))
+            ctx.step("nat", "reply: un-NAT" if direction else "NAT", describe_rewrite(r))
         elif not ctx.commit and (decision.dnat is not None or decision.masquerade):
-            ctx.step("nat", "would NAT", f"dnat {_hostport(decision.dnat)} masquerade {decision.masquerade}")
+            ctx.step("nat", "would NAT", f"dnat {hostport(decision.dnat)} masquerade {decision.masquerade}")
             # the trace's own copy, rewritten as the first packet would be (a masqueraded source keeps
             # its port, as when it is free), so the frames a trace transmits are what the wire would carry
             dst, dport = decision.dnat if decision.dnat is not None else (None, None)
-            src = self._masquerade_source(out) if decision.masquerade else None
+            src = conntrack_stage.masquerade_source(self, out) if decision.masquerade else None
             nat.rewrite(frame, info.l4, info.proto, src=src, dst=dst, dport=dport, vnet=vnet)
         pk.decrement_ttl(frame, info.ttl)
         if hop is not None:   # the neighbour's MAC, or the VXLAN encapsulation
@@ -522,106 +483,7 @@ class Datapath:
             self._install_flow(port.id, info, out.id, eth, ctx.now, entry, direction)
         return [self._emit(ctx, out.id, frame, vnet)]
 
-    # ---- conntrack and the Service backend -----------------------------------------------------
-
-    def _decide(self, info: pk.IPv4Info, port: Port, ctx: _Ctx) -> Decision:
-        """A NEW flow: the backend decides at its hooks (nothing to decide without one)."""
-        if self.backend is None:
-            return NO_SERVICE
-        pkt = PacketInfo(info.src, info.dst, info.proto, info.sport if info.proto != pk.IPPROTO_ICMP else 0,
-                         info.dport if info.proto != pk.IPPROTO_ICMP else 0, in_iface=port.name,
-                         ct_state=CtState.NEW, length=info.total_length)
-        decision = self.backend.decide(pkt, ctx.now, local_source=info.src in self.local_addresses,
-                                       effects=ctx.commit)
-        if ctx.commit:
-            self._c.decisions += 1
-            self._c.decision_cost += decision.cost
-        target = f"DNAT to {_hostport(decision.dnat)}" if decision.dnat else "no service"
-        ctx.step(self.backend.name, f"{decision.verdict.value} {target}"
-                 + (", masquerade" if decision.masquerade else ""), " ".join(decision.path))
-        return decision
-
-    def _refuse(self, frame, info: pk.IPv4Info, port: Port, decision: Decision, ctx: _Ctx) -> list[Transmit | Drop]:
-        if decision.verdict is Verdict.DROP:
-            return [self._drop(ctx, DropReason.SERVICE_DROP, port.id, "service", " ".join(decision.path[-1:]))]
-        actions: list[Transmit | Drop] = []
-        how = decision.reject_with or "icmp-port-unreachable"
-        if how == "tcp-reset" and info.proto == pk.IPPROTO_TCP and not frame[info.l4 + 13] & 0x04:
-            ctx.step("reject", "tcp-reset", f"from {pk.ip_str(info.dst)}:{info.dport}")
-            if ctx.commit:
-                self._c.resets_sent += 1
-            actions.append(self._emit(ctx, port.id, pk.build_tcp_reset(frame, info, port.local_mac)))
-        elif how in pk.REJECT_WITH_CODES:
-            actions += self._icmp_error(frame, info, port, pk.ICMP_DEST_UNREACH, pk.REJECT_WITH_CODES[how], ctx)
-        return actions + [self._drop(ctx, DropReason.SERVICE_REJECT, port.id, "service", how)]
-
-    def _masquerade_source(self, out: Port) -> int | None:
-        """MASQUERADE's address: the outgoing device's own, as nf_nat_masquerade_ipv4 picks it
-        (inet_select_addr on the out device): the tunnel's (flannel.1's) for a packet into it,
-        else the node's address."""
-        if out.kind is PortKind.TUNNEL and self.internode is not None:
-            source = self.internode.tunnel_address(out)
-            if source is not None:
-                return source
-        return self.node_ip
-
-    def _track(self, key: tuple, info: pk.IPv4Info, port: Port, decision: Decision, tcp_flags: int,
-               ctx: _Ctx, out: Port) -> Entry | Drop:
-        """Pin a NEW flow in conntrack with its NAT (the kernel's confirm after the last hook)."""
-        snat = None
-        source = self._masquerade_source(out) if decision.masquerade else None
-        if source is not None:
-            snat = (source, self._source_port(key, decision, source, decision.random_fully))
-        elif decision.dnat is not None:
-            # nf_nat's get_unique_tuple: when the reply tuple after DNAT is taken (the client reused
-            # a source port that an entry still in TIME_WAIT holds towards the same backend through
-            # another Service), the kernel moves the source port even without an SNAT rule
-            port = self._source_port(key, decision, key[1], False)
-            if port is not None and port != key[2]:
-                snat = (key[1], port)
-                ctx.step("nat", "implicit source port change", f"{key[2]} -> {port}: the reply tuple was taken")
-        made = self.conntrack.new(key, ctx.now, dnat=decision.dnat, snat=snat, tcp_flags=tcp_flags,
-                                  length=info.total_length, mark=decision.mark)
-        if isinstance(made, Refusal):
-            reason = {Refusal.TABLE_FULL: DropReason.CT_TABLE_FULL,
-                      Refusal.CLASH: DropReason.CT_CLASH}.get(made, DropReason.CT_INVALID)
-            return self._drop(ctx, reason, port.id, "conntrack", made.name)
-        if self.backend is not None and decision.is_service:
-            # the backend that decided hears of the flow's end, even after a switch
-            made.backend = (self.backend, decision)
-        ctx.step("conntrack", f"new flow {made.id}", f"reply tuple {_tuple_text(made.reply)}")
-        return made
-
-    def _source_port(self, key: tuple, decision: Decision, src: int, random_fully: bool) -> int | None:
-        """The source port a NEW flow from `src` gets: its own unless another entry's tuple already
-        holds it for this destination (or --random-fully), else a free one (nf_nat_l4proto_unique_tuple)."""
-        proto, _src, sport, dst, dport = key
-        if proto not in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
-            return None
-        if decision.dnat is not None:
-            dst, dport = decision.dnat
-        if not random_fully and not self.conntrack.in_use((proto, dst, dport, src, sport)):
-            return sport
-        for _ in range(64):
-            port = self._rng.randint(*_EPHEMERAL)
-            if not self.conntrack.in_use((proto, dst, dport, src, port)):
-                return port
-        return sport  # give up: the clash check at confirm decides
-
-    def _related(self, frame, info: pk.IPv4Info, vnet, ctx: _Ctx) -> pk.IPv4Info:
-        """An ICMP error about a tracked, NATed flow is translated like that flow (RELATED), so it
-        reaches the flow's other end as that end knows it; returns the packet's new header."""
-        inner = nat.icmp_error_inner(frame, info.l4)
-        hit = self.conntrack.lookup_related(inner, ctx.now if ctx.commit else None) if inner is not None else None
-        if hit is None:
-            return info
-        entry, direction = hit
-        ctx.step("conntrack", f"RELATED to flow {entry.id}", f"{'reply' if direction else 'original'} direction")
-        if entry.nat is not None and nat.rewrite_icmp_error(frame, info.l4, entry.nat, direction, vnet):
-            parsed = pk.parse_ipv4(frame)
-            if isinstance(parsed, pk.IPv4Info):
-                return parsed
-        return info
+    # ---- conntrack's callbacks (the stage itself: core/conntrack_stage) -------------------------
 
     def _ct_update(self, entry: Entry, direction: int, now: float, tcp_flags: int, length: int) -> CtState:
         """conntrack's update, and when a service flow's TCP state moves, the backend that decided
@@ -791,36 +653,5 @@ class Datapath:
                                   neighbors, tunnel)
 
 
-def _cacheable(info: pk.IPv4Info) -> bool:
-    """What the fast path can take: TCP or UDP, no IP options, not a fragment."""
-    return info.ihl == 20 and not info.is_fragment and info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP)
-
-
-def _ct_key(frame, info: pk.IPv4Info) -> tuple | None:
-    """Conntrack's tuple for a packet: (proto, src, sport, dst, dport); for ICMP queries the echo
-    identifier and type << 8 | code. None for a non-first fragment (no ports to track by)."""
-    if not info.first_fragment:
-        return None
-    if info.proto == pk.IPPROTO_ICMP:
-        ident = frame[info.l4 + 4] << 8 | frame[info.l4 + 5]
-        return (info.proto, info.src, ident, info.dst, info.sport)
-    if info.proto in (pk.IPPROTO_TCP, pk.IPPROTO_UDP):
-        return (info.proto, info.src, info.sport, info.dst, info.dport)
-    return (info.proto, info.src, 0, info.dst, 0)
-
-
-def _hostport(pair: tuple[int, int] | None) -> str:
-    return "-" if pair is None else f"{pk.ip_str(pair[0])}:{pair[1]}"
-
-
-def _tuple_text(t: tuple) -> str:
-    return f"{pk.ip_str(t[1])}:{t[2]} > {pk.ip_str(t[3])}:{t[4]}"
-
-
-def _describe_rewrite(r) -> str:
-    parts = []
-    if r.src is not None or r.sport is not None:
-        parts.append(f"src -> {pk.ip_str(r.src) if r.src is not None else '*'}:{r.sport if r.sport is not None else '*'}")
-    if r.dst is not None or r.dport is not None:
-        parts.append(f"dst -> {pk.ip_str(r.dst) if r.dst is not None else '*'}:{r.dport if r.dport is not None else '*'}")
-    return ", ".join(parts)
+__all__ = ["DROPPED", "XDP_DROPPED", "Datapath", "DatapathStatistics", "Drop", "NodeMode", "Port", "PortKind",
+           "PortStatistics", "Trace", "TraceStep", "Transmit"]
