@@ -7,9 +7,10 @@ Group "crossnode-stream", three cases in one run, all through `podnet.cluster_la
     crossnode-direct   client on node-1, server on node-2, host-gw routing: node-1's datapath, its
                        uplink TAP, the underlay bridge, node-2's uplink TAP and datapath; TSO
                        super-frames cross the bridge whole
-    crossnode-vxlan    the same over Flannel-style VXLAN: node-1 cuts the super-frames to the
-                       tunnel's MTU (1450) in software (core/gso), encapsulates each segment,
-                       node-2 decapsulates
+    crossnode-vxlan    the same over Flannel-style VXLAN: where both uplink TAPs negotiate GSO over
+                       UDP tunnels (Linux 6.17+), node-1 encapsulates each super-frame once and
+                       node-2 hands its pod the inner super-frame whole; otherwise node-1 cuts them
+                       to the tunnel's MTU (1450) in software (core/gso) and encapsulates each segment
 
 The nodes share one trio thread (the embedded-store mode), so a cross-node stream costs the two
 datapaths' work on one core: the numbers compare what crossing nodes costs in podnet itself, not
