@@ -11,7 +11,8 @@ about each other, as separate processes would through etcd:
               no route into the pod network): where NodePort and LoadBalancer traffic comes from
     store     the control plane (podnet.control_plane) publishes the Flannel network config,
               Namespaces, Services (ClusterIPs allocated), Pods (spec.nodeName set) and keeps the
-              EndpointSlices from the pods' statuses
+              EndpointSlices from the pods' statuses; it creates and deletes the Deployments'
+              pods, spread over the nodes (podnet.cluster_deployments): `rollout`, `scale`
     nodes     podnet.cluster_node, one per Node, brought up together: each leases a subnet,
               registers, runs its pods and programs its datapath from the store
 
@@ -46,6 +47,7 @@ from podnet.cluster.topology import ClusterConfig, ClusterPlan, plan_cluster
 from podnet.cluster_node import ClusterNode, open_cluster_node
 from podnet.control_plane import ControlPlane, allocated
 from podnet.core.services.base import SyncReport
+from podnet.deployments import RolloutReport
 from podnet.errors import ConfigError
 from podnet.lab import Lab, PodState, exec_in_pod
 from podnet.linux import names
@@ -146,6 +148,28 @@ class Cluster:
         """Run `argv` on the external client (outside the cluster, on the underlay)."""
         return await trio.to_thread.run_sync(exec_external, self.external, list(argv), timeout_s, input)
 
+    # ---- Deployments (their controller runs in the control plane) ----------------------------------
+
+    async def rollout(self, namespace: str, name: str, **kw) -> RolloutReport:
+        """As `Lab.rollout` (env= or template=, timeout_s=, on_progress=): the control plane's
+        controller replaces the pods across the nodes; returns once it is rolled out."""
+        return await self.control_plane.deployments.get(namespace, name).rollout(**kw)
+
+    async def scale(self, namespace: str, name: str, replicas: int, *,
+                    timeout_s: float | None = None) -> RolloutReport:
+        """`kubectl scale deployment --replicas`, and wait until it is done."""
+        return await self.control_plane.deployments.get(namespace, name).scale(replicas, timeout_s=timeout_s)
+
+    def deployment_pods(self, namespace: str, name: str) -> list[PodState]:
+        """The Deployment's pods the store has now, as their nodes run them (not yet started: left out)."""
+        found = []
+        for pod in self.control_plane.deployments.get(namespace, name).members:
+            try:
+                found.append(self.pod(pod, namespace))
+            except KeyError:
+                pass
+        return found
+
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Every pod Ready, the EndpointSlices saying so, and every node's backend synced to them."""
         deadline = trio.current_time() + timeout_s
@@ -203,8 +227,7 @@ async def open_cluster(manifests: Manifests | Sequence[str | os.PathLike], confi
                     await nursery.start(control_plane.run)
 
                     async def run_node(spec, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-                        async with open_cluster_node(store, spec, config, underlay, wait_ready_s=None,
-                                                     deployments=plan.deployments_of(spec.name)) as node:
+                        async with open_cluster_node(store, spec, config, underlay, wait_ready_s=None) as node:
                             task_status.started(node)
                             await trio.sleep_forever()
 
@@ -265,6 +288,16 @@ class SyncCluster:
 
     def show(self, node: str | None = None) -> dict[str, list[str]]:
         return self._sync(lambda: self.cluster.node(node).show())
+
+    def rollout(self, namespace: str, name: str, **kw) -> RolloutReport:
+        """As `Cluster.rollout`; an `on_progress` callback runs in the cluster's thread."""
+        return self._run(self.cluster.rollout, namespace, name, **kw)
+
+    def scale(self, namespace: str, name: str, replicas: int, **kw) -> RolloutReport:
+        return self._run(self.cluster.scale, namespace, name, replicas, **kw)
+
+    def deployment_pods(self, namespace: str, name: str) -> list[PodState]:
+        return self._sync(self.cluster.deployment_pods, namespace, name)
 
     def call(self, fn, *args):
         """Run `fn(*args)` in the cluster's thread (for anything that touches a datapath)."""

@@ -53,7 +53,7 @@ from pathlib import Path
 import trio
 
 from podnet.cluster.endpoints import PodStatus
-from podnet.cluster.model import BUILTIN_NAMESPACES, Deployment, Manifests, Pod
+from podnet.cluster.model import BUILTIN_NAMESPACES, Manifests
 from podnet.cluster.service import EndpointSlice
 from podnet.cluster.topology import ClusterConfig, NodeSpec
 from podnet.cluster_speaker import L2Speaker
@@ -66,14 +66,14 @@ from podnet.linux.resources import Resources, process_matches
 from podnet.linux.tap import Tap
 from podnet.linux.underlay import Underlay, open_uplink
 from podnet.runtime.ports import FdPort
-from podnet.store import (Event, EventType, KeyExists, KeyValue, RevisionConflict, Store,
+from podnet.store import (Event, EventType, KeyValue, RevisionConflict, Store,
                           StoreUnavailable)
 from podnet.store.flannel import (LeaseAttrs, SubnetLease, acquire_subnet_lease, keep_subnet_lease,
                                   parse_lease, parse_subnet_key, read_network_config, renew_subnet_lease,
                                   SUBNETS_PREFIX)
 from podnet.store.informer import Reflector, back_off
 from podnet.store.nodes import keep_node_registered
-from podnet.store.objects import (ObjectView, encode, key_of, kind_prefix, object_key, parse_key,
+from podnet.store.objects import (ObjectView, key_of, kind_prefix, object_key, parse_key,
                                   update_pod_status)
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,6 @@ class ClusterNode:
         self._tap: Tap | None = None
         self._starting: set[str] = set()
         self._pods = pods if pods is not None else Reflector(store, kind_prefix("Pod"))
-        # pod keys known to exist in the store (listed, watched, or created here for the node's own
-        # Deployments' replicas): a status is written only over such a key, never re-creating it
-        self._in_store: set[str] = set(self._pods.cache)
         self._services_changed = trio.Event()
         self._wanted_revision = 0                     # wait_synced asks the view to be this recent
 
@@ -360,7 +357,6 @@ class ClusterNode:
             if pod is not None and pod.node_name == self.name and pod.key not in lab.pods \
                     and pod.key not in self._starting:
                 self._starting.add(pod.key)
-                self._in_store.add(event.key)
                 lab._nursery.start_soon(self._start_pod, pod)
             return
         view.delete(event.key)
@@ -408,8 +404,7 @@ class ClusterNode:
         its status, compare-and-swap on its mod_revision, read again on a conflict): labels or a
         spec someone changed meanwhile stay. A status never re-creates a key deleted meanwhile:
         that pod's DELETE reaches watch_pods, which deletes it (the kubelet's status patch of a
-        deleted pod fails as NotFound). The node's own Deployments' replicas have their keys
-        created by their first status. An unreachable store is waited out; a status that lost
+        deleted pod fails as NotFound). An unreachable store is waited out; a status that lost
         every compare-and-swap is tried again at the next change, or within 10 s."""
         written: dict[str, PodStatus] = {}
         lab = self.lab
@@ -418,8 +413,7 @@ class ClusterNode:
             generation = lab.generation
             current = {object_key(p.pod): (p.pod, PodStatus(p.ip, p.ready, p.terminating, self.name))
                        for p in list(lab.pods.values())}
-            changes = [(key, pod, status, key in self._in_store) for key, (pod, status) in current.items()
-                       if written.get(key) != status]
+            changes = [(key, status) for key, (_, status) in current.items() if written.get(key) != status]
             gone = [key for key in written if key not in current]
             if changes or gone:
                 try:
@@ -431,21 +425,13 @@ class ClusterNode:
                 for key in gone:
                     del written[key]
                 written.update((key, current[key][1]) for key in settled)
-                self._in_store.update(settled)
             await lab.wait_state_changed(generation, trio.current_time() + 10.0)
 
-    def _write_status(self, changes: list[tuple[str, Pod, PodStatus, bool]], gone: list[str]) -> set[str]:
+    def _write_status(self, changes: list[tuple[str, PodStatus]], gone: list[str]) -> set[str]:
         """publish_status's writes (blocking: a worker thread); the keys whose status is settled:
         written, there already, or not to be written (the key is gone, or holds no Pod)."""
         store, settled = self.store, set()
-        for key, pod, status, exists in changes:
-            if not exists:   # a pod the node made (its Deployment's replica): its first status creates it
-                try:
-                    store.create(key, encode(pod, status))
-                    settled.add(key)
-                    continue
-                except KeyExists:
-                    pass   # there already: its status goes in as any pod's
+        for key, status in changes:
             try:
                 update_pod_status(store, key, status, retries=_STATUS_RETRIES)
             except RevisionConflict as exc:
@@ -519,7 +505,7 @@ def _lease_attrs(spec: NodeSpec, config: ClusterConfig, *, tunnel_gso: bool = Fa
 
 @contextlib.asynccontextmanager
 async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig, underlay: Underlay, *,
-                            deployments: tuple[Deployment, ...] = (), wait_ready_s: float | None = 60.0):
+                            wait_ready_s: float | None = 60.0):
     """Bring node `spec` up from the store (see the module); leave the cluster on exit."""
     if config.state_dir is None:
         from podnet.linux.resources import state_dir_default
@@ -543,7 +529,7 @@ async def open_cluster_node(store: Store, spec: NodeSpec, config: ClusterConfig,
         pod_source.relist()
         pods = tuple(o.obj for o in views["Pod"].sync(pod_source.cache.values()) if o.obj.node_name == spec.name)
         services = tuple(o.obj for o in views["Service"].sync(store.list(kind_prefix("Service"))))
-        return Manifests(namespaces=namespaces, pods=pods, services=services, deployments=tuple(deployments))
+        return Manifests(namespaces=namespaces, pods=pods, services=services)
 
     manifests = await trio.to_thread.run_sync(read_objects)
     async with open_lab(manifests, lab_config(spec, config, subnet), wait_ready_s=None,

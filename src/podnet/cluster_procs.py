@@ -5,8 +5,8 @@ Layer: lab. `open_cluster_processes` does what `open_cluster` does, except that 
 use separate cores and one can be killed and started again:
 
     this process   the underlay namespace and the external client on it (journalled), the control
-                   plane (podnet.control_plane: publish, then the EndpointSlice controller), one
-                   child per Node
+                   plane (podnet.control_plane: publish, then the EndpointSlice controller and the
+                   Deployments' controller: `rollout`, `scale`), one child per Node
     node process   `python -m podnet.cli node join --store etcd://... --node NAME --node-ip IP ...`,
                    started in a session of its own, its log at <state_dir>/nodes/<node>/node.log
 
@@ -40,6 +40,7 @@ from podnet.cluster_lab import add_external_client, exec_external
 from podnet.cluster_node import node_state_dir, release_dead_journals
 from podnet.control import RemoteNode, socket_path
 from podnet.control_plane import ControlPlane, allocated, pods_from_store
+from podnet.deployments import RolloutReport
 from podnet.errors import ConfigError
 from podnet.linux.resources import Entry, Resources, state_dir_default
 from podnet.linux.underlay import ExternalHost, Underlay, create_underlay, remove_external_host, remove_underlay
@@ -176,6 +177,14 @@ class ClusterProcesses:
         """Run `argv` on the external client (outside the cluster, on the underlay)."""
         return await trio.to_thread.run_sync(exec_external, self.external, list(argv), timeout_s, input)
 
+    async def rollout(self, namespace: str, name: str, **kw) -> RolloutReport:
+        """As `Cluster.rollout`: the control plane, in this process, replaces the pods."""
+        return await self.control_plane.deployments.get(namespace, name).rollout(**kw)
+
+    async def scale(self, namespace: str, name: str, replicas: int, *,
+                    timeout_s: float | None = None) -> RolloutReport:
+        return await self.control_plane.deployments.get(namespace, name).scale(replicas, timeout_s=timeout_s)
+
     # ---- what the control socket answers ------------------------------------------------------------
 
     def status(self) -> list[dict]:
@@ -238,9 +247,6 @@ async def open_cluster_processes(manifests: Manifests | Sequence[str | os.PathLi
         manifests = load_manifests(manifests)
     if not config.store or not config.store.startswith(("etcd://", "http://", "https://")):
         raise ConfigError("--store: node processes share the cluster's state through etcd: give etcd://HOST:PORT")
-    if manifests.deployments:
-        raise ConfigError("Deployments run in one process with their node: use the embedded store "
-                          f"(no --store) for manifests with Deployments ({manifests.deployments[0].key})")
     config = dataclasses.replace(config, state_dir=config.state_dir or state_dir_default())
     plan = plan_cluster(manifests, config.underlay_cidr, config.cluster_cidr, external_ip=config.external_ip)
     placed = allocated(plan.manifests, config)
@@ -303,6 +309,18 @@ class SyncClusterProcesses:
     def exec_external(self, argv: Sequence[str], *, timeout_s: float = 60.0,
                       input: bytes | None = None) -> subprocess.CompletedProcess:
         return exec_external(self.procs.external, list(argv), timeout_s, input)
+
+    def rollout(self, namespace: str, name: str, **kw) -> RolloutReport:
+        return trio.from_thread.run(lambda: self.procs.rollout(namespace, name, **kw), trio_token=self._token)
+
+    def scale(self, namespace: str, name: str, replicas: int, **kw) -> RolloutReport:
+        return trio.from_thread.run(lambda: self.procs.scale(namespace, name, replicas, **kw), trio_token=self._token)
+
+    def deployment_pods(self, namespace: str, name: str) -> list[dict]:
+        """`status` rows of the Deployment's pods the store has now."""
+        members = trio.from_thread.run_sync(
+            lambda: set(self.procs.control_plane.deployments.get(namespace, name).members), trio_token=self._token)
+        return [row for row in self.status() if row["namespace"] == namespace and row["name"] in members]
 
 
 @contextlib.contextmanager

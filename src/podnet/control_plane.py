@@ -18,15 +18,18 @@ each node agent reports: IP, Ready, terminating, node), Nodes and Services, and 
 EndpointSlices whenever they change - for every Service, endpoints on every node, each with its
 nodeName, so each node's kube-proxy knows which are local. It also does the node lifecycle
 controller's part: the pods of a node whose registration is gone (its lease ran out: the process
-died) are not ready, as MarkPodsNotReady makes them once a node stops renewing its lease.
+died) are not ready, as MarkPodsNotReady makes them once a node stops renewing its lease. Beside
+it run the Deployments' controllers (`deployments`, podnet.cluster_deployments): they create each
+replica as a Pod placed on a node and delete pods' keys, reading readiness from the nodes' statuses.
 
 Invariants:
 - Derivation reads one consistent view (the reflectors' caches) and the slices written are exactly
   `derive_endpoint_slices` of it; unchanged slices are not written again, so nodes see only real
   changes; slices the controller made that no longer exist are deleted.
 - `ready_revision` is the store revision of the slices derived while every pod was Ready on a
-  registered node (0 otherwise): once a node's slice watch has reached it and the node synced,
-  Service traffic reaches every backend.
+  registered node and every Deployment had exactly its replicas of its current template (0
+  otherwise): once a node's slice watch has reached it and the node synced, Service traffic
+  reaches every backend.
 - One bad object never stops it: a Service or Pod value it cannot read is logged with its key and
   field, counted (`objects_skipped`) and skipped, the key keeping its last good version (so its
   slices stay as they were); an EndpointSlice it cannot read is not known to be its own, so it is
@@ -45,6 +48,7 @@ from podnet.cluster.endpoints import MANAGED_BY_LABEL, PodStatus, derive_endpoin
 from podnet.cluster.ipalloc import ServiceIPAllocator, allocate_services
 from podnet.cluster.model import Manifests, Pod
 from podnet.cluster.topology import ClusterConfig
+from podnet.cluster_deployments import Deployments
 from podnet.errors import ConfigError
 from podnet.store import Store, StoreUnavailable
 from podnet.store.flannel import write_network_config
@@ -95,6 +99,9 @@ class ControlPlane:
         # the Services and Pods derivation reads: an unreadable value is skipped (logged, counted),
         # the key keeping its last good version, as on the nodes
         self.views = {kind: ObjectView(kind, "control plane") for kind in ("Pod", "Service")}
+        # the deployment and ReplicaSet controllers and the scheduler, for the manifests' Deployments
+        self.deployments = Deployments(store, manifests.deployments, [n.name for n in manifests.nodes],
+                                       seed=config.seed)
         self._changed = trio.Event()
 
     @property
@@ -152,6 +159,8 @@ class ControlPlane:
         async with trio.open_nursery() as nursery:
             for reflector in reflectors.values():
                 nursery.start_soon(self._follow, reflector)
+            if self.deployments:
+                nursery.start_soon(self.deployments.run, lambda: self._deployment_snapshot(reflectors))
             task_status.started()
             while True:
                 await self._changed.wait()
@@ -178,6 +187,15 @@ class ControlPlane:
     async def _follow(self, reflector: Reflector) -> None:
         async for _ in reflector.aevents():
             self._changed.set()
+            self.deployments.changed()
+
+    @staticmethod
+    def _deployment_snapshot(reflectors: dict[str, Reflector]) -> tuple[list, int, set[str]]:
+        """What the Deployments' controllers read: the pods, the revision they are at, the
+        registered nodes (trio's thread)."""
+        pods = reflectors["Pod"]
+        nodes = {parse_key(kv.key)[2] for kv in reflectors["Node"].cache.values() if _is_registry_key(kv.key)}
+        return list(pods.cache.values()), pods.revision, nodes
 
     @staticmethod
     def _snapshot(reflectors: dict[str, Reflector]) -> dict[str, list]:
@@ -221,18 +239,20 @@ class ControlPlane:
                 written = True
         if written:
             self.slices_written += 1
-        all_ready = bool(pods) and all(status.get(p.key) is not None and status[p.key].ready for p in pods)
+        all_ready = bool(pods) and all(status.get(p.key) is not None and status[p.key].ready for p in pods) \
+            and self.deployments.settled(pods)
         # (no slices at all: nothing for the nodes to wait for, yet ready)
         self.ready_revision = max(revision, 1) if all_ready else 0
 
     async def wait_ready(self, timeout_s: float) -> int:
-        """Until every pod is Ready and the slices say so; the store revision that has them."""
+        """Until every pod is Ready and the slices say so, and every Deployment rolled out; the
+        store revision that has them."""
         with trio.move_on_after(timeout_s):
-            while not self.ready_revision:
+            while not self.ready_revision or self.deployments.unfinished():
                 await trio.sleep(0.05)
             return self.ready_revision
         raise TimeoutError(f"the cluster's pods were not all ready after {timeout_s:.0f} s: "
-                           f"{', '.join(self.unready()) or '?'}")
+                           f"{', '.join(self.unready() + self.deployments.unfinished()) or '?'}")
 
     def unready(self) -> list[str]:
         """The pods not ready, for error messages: each with its node and why."""

@@ -15,6 +15,10 @@ when a Ready pod is due to become available (minReadySeconds):
 what happened on the way: every progress line, the pods created and deleted, and the most pods
 and the fewest available pods seen, which maxSurge and maxUnavailable bound.
 
+`RolloutTracker` is the part shared with the control plane's controller of a cluster's
+Deployments (podnet.cluster_deployments, which writes Pod objects to the store instead): the spec,
+its ReplicaSets, and `rollout`/`scale`/`apply` with the report.
+
 Invariants: the controller only ever counts and deletes pods it created (a manifest Pod whose
 labels match the selector is not adopted, as it lacks the pod-template-hash); a pod it deletes is
 not counted again; a failed CNI ADD is retried with backoff (1 s doubling to 30 s), as the
@@ -117,75 +121,29 @@ def check_deployment(deployment: Deployment) -> None:
     resolve_fenceposts(deployment)  # a malformed maxSurge/maxUnavailable fails here
 
 
-class DeploymentController:
-    """The pods of one Deployment on this node, kept as its spec says (see the module docstring)."""
+class RolloutTracker:
+    """A Deployment's spec and what its rollouts are waited on with: the part the lab's controller
+    and the control plane's (podnet.cluster_deployments) share. A subclass runs the loop: it asks
+    the planner, calls `_observe` with each step, logs pods in `created_log`/`deleted_log`, and
+    `_wake`s on a change of spec."""
 
-    def __init__(self, lab: Lab, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment) -> None:
         check_deployment(deployment)
-        self.lab = lab
         self.deployment = deployment
         self.hash = template_hash(deployment.template)
         self.replica_sets: list[str] = [self.hash]   # pod-template-hashes, oldest ReplicaSet first
-        self.members: dict[str, _Member] = {}
         self.created_log: list[str] = []
         self.deleted_log: list[str] = []
         self.status: DeploymentStatus | None = None
         self.message = "waiting for the deployment controller"
         self.complete = False
         self.last_error: str | None = None
-        self._rng = name_draws(lab.config.seed, deployment)
         self._kick = trio.Event()
         self._watches: list[_Watch] = []
-        self._failures = 0
-        self._hold_until = 0.0
 
     @property
     def key(self) -> str:
         return self.deployment.key
-
-    def pods(self) -> list[PodState]:
-        """The lab's pods this Deployment owns now (terminating ones included)."""
-        return [m.state for m in self.members.values() if m.state is not None]
-
-    # ---- the loop ---------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        while True:
-            generation = self.lab.generation
-            now = trio.current_time()
-            for name in [n for n, m in self.members.items() if m.state is not None and m.state.removed.is_set()]:
-                del self.members[name]
-            step = plan_rollout(self.deployment, self.hash, [m.view() for m in self.members.values()], now,
-                                replica_sets=self.replica_sets)
-            self._observe(step, now)
-            creating = step.create if now >= self._hold_until else 0
-            for _ in range(creating):
-                self._create(now)
-            for name in step.delete:
-                self._delete(name)
-            if creating or step.delete:
-                await trio.lowlevel.checkpoint()
-                continue
-            wake = now + _IDLE_REPLAN_S
-            if step.wake_at is not None:
-                wake = min(wake, step.wake_at + 0.001)
-            if step.create:
-                wake = min(wake, self._hold_until)
-            await self._wait(generation, wake)
-
-    async def _wait(self, generation: int, deadline: float) -> None:
-        kick = self._kick
-        async with trio.open_nursery() as nursery:
-            async def on_pods() -> None:
-                await self.lab.wait_state_changed(generation, deadline)
-                nursery.cancel_scope.cancel()
-
-            async def on_kick() -> None:
-                with trio.move_on_at(deadline):
-                    await kick.wait()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(on_pods)
-            nursery.start_soon(on_kick)
 
     def _wake(self) -> None:
         kick, self._kick = self._kick, trio.Event()
@@ -206,39 +164,6 @@ class DeploymentController:
                     watch.on_progress(step.message)
             if step.complete:
                 watch.done.set()
-
-    def _create(self, now: float) -> None:
-        """The ReplicaSet controller creates a pod: the object exists now, the node plumbs it next."""
-        namespace = self.deployment.namespace
-        taken = {p.name for p in self.lab.pods.values() if p.namespace == namespace} | set(self.members)
-        pod = new_pod(self.deployment, self.hash, self._rng, taken)
-        member = _Member(pod, self.hash, now)
-        self.members[pod.name] = member
-        self.created_log.append(pod.name)
-        self.lab._nursery.start_soon(self._materialise, member)
-
-    async def _materialise(self, member: _Member) -> None:
-        try:
-            member.state = await self.lab.add_pod(member.pod)
-        except Exception as exc:  # noqa: BLE001 - FailedCreate: logged, retried after a backoff
-            self.members.pop(member.pod.name, None)
-            self.last_error = f"{member.pod.key}: {exc}"
-            delay = _BACKOFF_S[min(self._failures, len(_BACKOFF_S) - 1)]
-            self._failures += 1
-            self._hold_until = trio.current_time() + delay
-            log.error("%s: creating pod %s failed (retrying in %g s): %s", self.key, member.pod.name, delay, exc)
-        else:
-            self._failures = 0
-            if member.deleting:  # deleted while it was being created
-                self.lab.begin_delete(member.state)
-        self._wake()
-
-    def _delete(self, name: str) -> None:
-        member = self.members[name]
-        member.deleting = True
-        self.deleted_log.append(name)
-        if member.state is not None:
-            self.lab.begin_delete(member.state)
 
     # ---- changes ----------------------------------------------------------------------------
 
@@ -291,3 +216,92 @@ class DeploymentController:
             duration_s=trio.current_time() - began, created=tuple(self.created_log[created:]),
             deleted=tuple(self.deleted_log[deleted:]), max_pods=watch.max_pods,
             min_available=watch.min_available or 0, progress=tuple(watch.progress), status=self.status)
+
+
+class DeploymentController(RolloutTracker):
+    """The pods of one Deployment on this node, kept as its spec says (see the module docstring)."""
+
+    def __init__(self, lab: Lab, deployment: Deployment) -> None:
+        super().__init__(deployment)
+        self.lab = lab
+        self.members: dict[str, _Member] = {}
+        self._rng = name_draws(lab.config.seed, deployment)
+        self._failures = 0
+        self._hold_until = 0.0
+
+    def pods(self) -> list[PodState]:
+        """The lab's pods this Deployment owns now (terminating ones included)."""
+        return [m.state for m in self.members.values() if m.state is not None]
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            generation = self.lab.generation
+            now = trio.current_time()
+            for name in [n for n, m in self.members.items() if m.state is not None and m.state.removed.is_set()]:
+                del self.members[name]
+            step = plan_rollout(self.deployment, self.hash, [m.view() for m in self.members.values()], now,
+                                replica_sets=self.replica_sets)
+            self._observe(step, now)
+            creating = step.create if now >= self._hold_until else 0
+            for _ in range(creating):
+                self._create(now)
+            for name in step.delete:
+                self._delete(name)
+            if creating or step.delete:
+                await trio.lowlevel.checkpoint()
+                continue
+            wake = now + _IDLE_REPLAN_S
+            if step.wake_at is not None:
+                wake = min(wake, step.wake_at + 0.001)
+            if step.create:
+                wake = min(wake, self._hold_until)
+            await self._wait(generation, wake)
+
+    async def _wait(self, generation: int, deadline: float) -> None:
+        kick = self._kick
+        async with trio.open_nursery() as nursery:
+            async def on_pods() -> None:
+                await self.lab.wait_state_changed(generation, deadline)
+                nursery.cancel_scope.cancel()
+
+            async def on_kick() -> None:
+                with trio.move_on_at(deadline):
+                    await kick.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(on_pods)
+            nursery.start_soon(on_kick)
+
+    def _create(self, now: float) -> None:
+        """The ReplicaSet controller creates a pod: the object exists now, the node plumbs it next."""
+        namespace = self.deployment.namespace
+        taken = {p.name for p in self.lab.pods.values() if p.namespace == namespace} | set(self.members)
+        pod = new_pod(self.deployment, self.hash, self._rng, taken)
+        member = _Member(pod, self.hash, now)
+        self.members[pod.name] = member
+        self.created_log.append(pod.name)
+        self.lab._nursery.start_soon(self._materialise, member)
+
+    async def _materialise(self, member: _Member) -> None:
+        try:
+            member.state = await self.lab.add_pod(member.pod)
+        except Exception as exc:  # noqa: BLE001 - FailedCreate: logged, retried after a backoff
+            self.members.pop(member.pod.name, None)
+            self.last_error = f"{member.pod.key}: {exc}"
+            delay = _BACKOFF_S[min(self._failures, len(_BACKOFF_S) - 1)]
+            self._failures += 1
+            self._hold_until = trio.current_time() + delay
+            log.error("%s: creating pod %s failed (retrying in %g s): %s", self.key, member.pod.name, delay, exc)
+        else:
+            self._failures = 0
+            if member.deleting:  # deleted while it was being created
+                self.lab.begin_delete(member.state)
+        self._wake()
+
+    def _delete(self, name: str) -> None:
+        member = self.members[name]
+        member.deleting = True
+        self.deleted_log.append(name)
+        if member.state is not None:
+            self.lab.begin_delete(member.state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from podnet.cluster.model import (Container, Deployment, Manifests, Node, NodeAddress, ObjectMeta, Pod,
@@ -37,13 +39,14 @@ def test_pods_go_where_node_name_says_and_the_rest_spread_to_the_least_loaded():
     assert [p.name for p in plan.pods_of("a")] == ["p2", "p4"]
 
 
-def test_a_deployment_runs_on_one_node_counting_its_replicas():
+def test_a_deployment_is_left_to_the_control_plane_its_node_name_checked():
     template = PodTemplate({"app": "w"}, containers=(Container("main", command=("sleep", "1")),))
     deployment = Deployment(ObjectMeta("w"), template, replicas=3)
     plan = plan_cluster(Manifests(nodes=_nodes("a", "b"), pods=(_pod("p1"),), deployments=(deployment,)))
-    assert plan.deployments == {"default/w": "b"}
-    assert plan.deployments_of("b")[0].template.node_name == "b"
-    assert plan.deployments_of("a") == ()
+    assert plan.manifests.deployments == (deployment,)   # its template untouched: the same pod-template-hash
+    pinned = Deployment(ObjectMeta("w"), dataclasses.replace(template, node_name="z"), replicas=3)
+    with pytest.raises(ConfigError, match=r'Deployment "default/w": spec.nodeName: node "z" not found'):
+        plan_cluster(Manifests(nodes=_nodes("a", "b"), deployments=(pinned,)))
 
 
 def test_errors_name_the_object_and_field():

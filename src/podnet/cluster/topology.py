@@ -14,8 +14,9 @@ the scheduler would, before anything is brought up:
     a pod              spec.nodeName if set (it must name a Node of the manifests); else the node
                        with the fewest pods so far, the first such in manifest order (the
                        scheduler's spreading, without resources or affinities)
-    a Deployment       all its pods on one node (its controller runs in that node's process): the
-                       template's nodeName, else the node with the fewest pods counting its replicas
+    a Deployment       not here: its controller in the control plane (podnet.cluster_deployments)
+                       creates its pods as the cluster runs, each on the template's nodeName, else
+                       on the registered node with the fewest pods then; a nodeName is checked here
     the external       a host outside the cluster on the underlay segment, where NodePort and
     client             LoadBalancer traffic comes from: ClusterConfig.external_ip, else the lowest
                        host address no node holds (<underlay>.1); never a node's address, a
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 from podnet.errors import ConfigError
 
-from .model import Deployment, Manifests, Node, Pod, describe
+from .model import Manifests, Node, Pod, describe
 
 NETWORKS = ("vxlan", "direct")
 # the Flannel backend type each network is: a lease's BackendType and the network config's Backend
@@ -176,7 +177,6 @@ def external_spec(specs: list[NodeSpec] | tuple[NodeSpec, ...], manifests: Manif
 class ClusterPlan:
     nodes: tuple[NodeSpec, ...]
     manifests: Manifests                     # every pod with spec.nodeName set
-    deployments: dict[str, str]              # "namespace/name" -> node name
     external: ExternalSpec | None = None     # the external client on the underlay
 
     def node(self, name: str) -> NodeSpec:
@@ -187,9 +187,6 @@ class ClusterPlan:
 
     def pods_of(self, node: str) -> tuple[Pod, ...]:
         return tuple(p for p in self.manifests.pods if p.node_name == node)
-
-    def deployments_of(self, node: str) -> tuple[Deployment, ...]:
-        return tuple(d for d in self.manifests.deployments if self.deployments[d.key] == node)
 
 
 def plan_cluster(manifests: Manifests, underlay_cidr: str = ClusterConfig.underlay_cidr,
@@ -220,19 +217,12 @@ def plan_cluster(manifests: Manifests, underlay_cidr: str = ClusterConfig.underl
         node = check(pod, pod.node_name) if pod.node_name else least()
         load[node] += 1
         pods.append(pod if pod.node_name == node else dataclasses.replace(pod, node_name=node))
-    placed: dict[str, str] = {}
-    deployments = []
     for deployment in manifests.deployments:
-        template = deployment.template
-        node = check(deployment, template.node_name) if template.node_name else least()
-        load[node] += deployment.replicas
-        placed[deployment.key] = node
-        if template.node_name != node:
-            deployment = dataclasses.replace(deployment, template=dataclasses.replace(template, node_name=node))
-        deployments.append(deployment)
-    placed_manifests = dataclasses.replace(manifests, pods=tuple(pods), deployments=tuple(deployments))
+        if deployment.template.node_name:
+            check(deployment, deployment.template.node_name)
+    placed_manifests = dataclasses.replace(manifests, pods=tuple(pods))
     external = external_spec(specs, manifests, underlay_cidr, external_ip)
-    return ClusterPlan(tuple(specs), placed_manifests, placed, external)
+    return ClusterPlan(tuple(specs), placed_manifests, external)
 
 
 __all__ = ["ClusterConfig", "ClusterPlan", "ExternalSpec", "FLANNEL_BACKENDS", "NETWORKS", "NodeSpec",
