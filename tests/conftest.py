@@ -1,5 +1,6 @@
 """Suite-wide rules: root tests are marked, and a run that must include them fails if they were skipped;
-no podnet namespace or device may be left on the machine when the suite ends."""
+no podnet namespace or device may be left on the machine when the suite ends (those that another
+live podnet run, found through the registry of live journals, claims are not this suite's)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import pytest
 
 PREFIX = "pn-"
+# set for the whole session and inherited by every process it starts, daemons reparented to init too
+SESSION_ENV = "PODNET_TEST_SESSION"
 IS_ROOT = os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
 
@@ -36,11 +39,57 @@ def podnet_leftovers() -> list[str]:
     return found
 
 
+def _of_this_session(pid: int) -> bool:
+    """True if `pid` is this pytest process, one of its descendants, or carries this session's mark."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"{SESSION_ENV}={os.environ[SESSION_ENV]}".encode() in f.read().split(b"\0"):
+                return True
+    except (OSError, KeyError):
+        pass
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def claimed_elsewhere() -> set[str]:
+    """Namespaces and root-netns links that live podnet runs outside this session claim, read from
+    the machine's registry of live journals: a bench or another suite running at the same time."""
+    from podnet.linux.resources import ResourceKind, Resources, registered_journals
+
+    try:
+        pointers = registered_journals()
+    except OSError:
+        return set()
+    claimed = set()
+    for pointer in pointers:
+        if not pointer.alive or _of_this_session(pointer.pid):
+            continue
+        try:
+            entries = Resources.adopt(pointer.journal).entries
+        except (OSError, ValueError, KeyError, TypeError):  # released meanwhile, or unreadable: not excused
+            continue
+        claimed.update(f"{e.kind.value} {e.name}" for e in entries
+                       if e.kind in (ResourceKind.NETNS, ResourceKind.LINK) and e.netns is None)
+    return claimed
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
+    os.environ[SESSION_ENV] = f"{os.getpid()}-{os.urandom(4).hex()}"
     before = set(podnet_leftovers())
     yield
-    left = sorted(set(podnet_leftovers()) - before)
+    new = set(podnet_leftovers()) - before
+    # what another live run claims is not ours; what this session's processes still hold is
+    left = sorted(new - claimed_elsewhere()) if new else []
+    os.environ.pop(SESSION_ENV, None)
     assert not left, f"the suite left podnet resources behind: {left}"
 
 

@@ -2,7 +2,7 @@
 
 Job: every running podnet process keeps a journal of the kernel objects and processes it made;
 `Resources.release_all` removes them on exit, error or signal, and `clean` removes what a process
-killed with SIGKILL left behind.
+killed with SIGKILL left behind, never what a live podnet run anywhere on the machine claims.
 
 Journal: one JSON document per process in the state dir (`/run/podnet`, or `$PODNET_STATE_DIR`,
 or the constructor's `state_dir`), named `podnet-<pid>-<starttime>.json`:
@@ -13,6 +13,14 @@ or the constructor's `state_dir`), named `podnet-<pid>-<starttime>.json`:
                  {"kind": "process", "name": "iperf3", "pid": 4300, "starttime": 1234600},
                  {"kind": "file", "name": "/run/podnet/lab.pcap"}]}
 
+Registry of live journals: state dirs differ per run (a lab's /run/podnet, the bench's
+/run/podnet-bench, a test's tmp dir, any `--state-dir`), so one state dir cannot tell `clean` what
+every run on the machine owns. While a journal exists, its owner keeps a pointer to it in
+`/run/podnet-live` (or `$PODNET_LIVE_DIR`): a symlink `<pid>-<starttime>-<hash>` whose target is the
+journal's absolute path (the hash, of that path, tells apart two journals of one process). `clean`
+spares what the journal of every live pointer claims, wherever it lives, and releases the journals
+of dead owners it reaches when their prefix is within its own.
+
 Invariants:
 - A process is identified by pid AND starttime (field 22 of /proc/<pid>/stat): a recycled pid
   never matches, so podnet never signals a stranger. A zombie counts as dead.
@@ -22,6 +30,14 @@ Invariants:
 - The journal is rewritten whole with an atomic rename, so a SIGKILL never leaves half a file.
 - Netns and link names recorded must carry the prefix; `clean` only ever deletes names with the
   prefix, and never one that a live podnet process's journal claims, nor a TAP still held by an fd.
+- The pointer is made (a symlink renamed into place: atomic) after the journal's first write and
+  before anything it lists is created, and removed before the journal is: a live pointer always
+  finds its journal. A pointer whose owner is dead (SIGKILL) claims nothing; `clean` removes it.
+- A registry that cannot be written does not stop a run: it is logged once, and then only a `clean`
+  on the run's own state dir knows its claims. If `clean` cannot read the registry, or a live
+  pointer's journal, it skips the prefix sweep: some claims are unknown.
+- A dead owner's journal reached only through the registry is released only if this user owns the
+  file (the registry could name any path; a journal lists files to delete).
 - Release continues past errors and reports them; what could not be released stays in the journal
   for a later `clean`. Releasing twice is harmless.
 
@@ -41,6 +57,7 @@ from __future__ import annotations
 import enum
 import errno
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -60,10 +77,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/run/podnet"
 STATE_DIR_ENV = "PODNET_STATE_DIR"
+DEFAULT_LIVE_DIR = "/run/podnet-live"
+LIVE_DIR_ENV = "PODNET_LIVE_DIR"
 JOURNAL_VERSION = 1
 DEFAULT_GRACE_S = 2.0
 _POLL_S = 0.02
 _JOURNAL_RE = re.compile(r"podnet-(\d+)-(\d+)\.json")
+_POINTER_RE = re.compile(r"(\d+)-(\d+)-[0-9a-f]{16}")
 
 
 class ResourceKind(str, enum.Enum):
@@ -252,6 +272,57 @@ def journal_name(pid: int, starttime: int) -> str:
     return f"podnet-{pid}-{starttime}.json"
 
 
+def live_dir_default() -> str:
+    return os.environ.get(LIVE_DIR_ENV) or DEFAULT_LIVE_DIR
+
+
+def pointer_name(pid: int, starttime: int, journal_path: str) -> str:
+    digest = hashlib.sha256(os.path.abspath(journal_path).encode()).hexdigest()[:16]
+    return f"{pid}-{starttime}-{digest}"
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """One entry of the registry: `path` (the symlink) says that the process `pid`+`starttime`
+    keeps the journal `journal` (an absolute path)."""
+
+    path: str
+    pid: int
+    starttime: int
+    journal: str
+
+    @property
+    def alive(self) -> bool:
+        return process_matches(self.pid, self.starttime)
+
+
+def registered_journals(live_dir: str | None = None) -> list[Pointer]:
+    """Every pointer in the registry (none if it does not exist). Names not shaped like a pointer,
+    and pointers that are not symlinks, are not podnet's and are left out. Raises OSError if the
+    registry exists but cannot be listed."""
+    live_dir = live_dir or live_dir_default()
+    try:
+        names = os.listdir(live_dir)
+    except FileNotFoundError:
+        return []
+    pointers = []
+    for name in sorted(names):
+        m = _POINTER_RE.fullmatch(name)
+        if m is None:
+            continue
+        path = os.path.join(live_dir, name)
+        try:
+            target = os.readlink(path)
+        except FileNotFoundError:  # released meanwhile
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # not a symlink
+                continue
+            raise
+        pointers.append(Pointer(path, int(m[1]), int(m[2]), target))
+    return pointers
+
+
 class Resources:
     """The journal of one podnet process and the release of what it lists.
 
@@ -264,29 +335,58 @@ class Resources:
         prefix: str = DEFAULT_PREFIX,
         state_dir: str | None = None,
         grace_s: float = DEFAULT_GRACE_S,
+        live_dir: str | None = None,
     ) -> None:
         self.prefix = validate_prefix(prefix)
         self.state_dir = state_dir or state_dir_default()
+        self.live_dir = live_dir or live_dir_default()
         self.grace_s = grace_s
         self.owner_pid = os.getpid()
         starttime = process_starttime(self.owner_pid)
         assert starttime is not None
         self.owner_starttime = starttime
-        self.journal_path = os.path.join(self.state_dir, journal_name(self.owner_pid, starttime))
+        # absolute: the registry's pointer names it, and a later chdir must not move it
+        self.journal_path = os.path.abspath(os.path.join(self.state_dir, journal_name(self.owner_pid, starttime)))
+        self.pointer_path = os.path.join(self.live_dir, pointer_name(self.owner_pid, starttime, self.journal_path))
         self._entries: list[Entry] = []
         self._lock = threading.RLock()
+        self._adopted = False       # another process's journal: never registered by us
+        self._registered = False    # our pointer is in the registry
+        self._register_warned = False
 
     @classmethod
-    def adopt(cls, journal_path: str, *, grace_s: float = DEFAULT_GRACE_S) -> Resources:
-        """Load a journal written by another (dead) process, to release what it lists."""
+    def adopt(
+        cls,
+        journal_path: str,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        live_dir: str | None = None,
+        owner_uid: int | None = None,
+    ) -> Resources:
+        """Load a journal written by another process: to release what it lists if that process is
+        dead, or only to read its claims. Releasing it to the end also drops its owner's pointer.
+        `owner_uid`: refuse (PermissionError) a journal file that another user owns."""
         with open(journal_path) as f:
+            if owner_uid is not None and (uid := os.fstat(f.fileno()).st_uid) != owner_uid:
+                raise PermissionError(f"journal {journal_path} belongs to uid {uid}")
             doc = json.load(f)
-        res = cls(prefix=doc["prefix"], state_dir=os.path.dirname(journal_path), grace_s=grace_s)
+        res = cls(prefix=doc["prefix"], state_dir=os.path.dirname(journal_path), grace_s=grace_s,
+                  live_dir=live_dir)
         res.owner_pid = int(doc["owner"]["pid"])
         res.owner_starttime = int(doc["owner"]["starttime"])
-        res.journal_path = journal_path
+        res.journal_path = os.path.abspath(journal_path)
+        res.pointer_path = os.path.join(
+            res.live_dir, pointer_name(res.owner_pid, res.owner_starttime, res.journal_path))
         res._entries = [Entry.from_json(e) for e in doc["entries"]]
+        res._adopted = True
         return res
+
+    @property
+    def registered(self) -> bool:
+        """True while the registry points at this journal (False when there is nothing to journal,
+        and when the registry could not be written: see the log)."""
+        with self._lock:
+            return self._registered
 
     @property
     def entries(self) -> tuple[Entry, ...]:
@@ -336,6 +436,7 @@ class Resources:
 
     def _write(self) -> None:
         if not self._entries:
+            self._unregister()
             self._remove_journal()
             return
         doc = {
@@ -351,6 +452,40 @@ class Resources:
             # one entry per line, each by the C encoder (indent= would make json use its Python one)
             f.write(json.dumps(doc)[:-1] + ', "entries": [\n ' + ",\n ".join(map(json.dumps, entries)) + "\n]}\n")
         os.replace(tmp, self.journal_path)
+        if not self._registered and not self._adopted:
+            self._register()
+
+    def _register(self) -> None:
+        """Point the registry at the journal, so that a `clean` on any state dir spares its claims.
+        A failure is logged (once) and retried at the next write: the run goes on without it."""
+        tmp = os.path.join(self.live_dir, "." + os.path.basename(self.pointer_path) + ".tmp")
+        try:
+            os.makedirs(self.live_dir, mode=0o755, exist_ok=True)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.symlink(self.journal_path, tmp)
+            os.replace(tmp, self.pointer_path)
+        except OSError as exc:
+            if not self._register_warned:
+                self._register_warned = True
+                log.warning("cannot register journal %s in %s (%s): a `podnet clean` with another "
+                            "state dir than %s may delete what this run creates", self.journal_path,
+                            self.live_dir, exc, self.state_dir)
+            return
+        self._registered = True
+
+    def _unregister(self) -> None:
+        if not (self._registered or self._adopted):
+            return
+        try:
+            os.unlink(self.pointer_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # harmless once the owner is dead: a later clean removes it
+            log.warning("cannot remove registry pointer %s: %s", self.pointer_path, exc)
+        self._registered = False
 
     def _remove_journal(self) -> None:
         try:
@@ -459,23 +594,29 @@ def _claim(entry: Entry) -> tuple[ResourceKind, str, str | None]:
     return (entry.kind, entry.name, entry.netns)
 
 
-def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanReport:
+def clean(
+    prefix: str = DEFAULT_PREFIX, state_dir: str | None = None, *, live_dir: str | None = None
+) -> CleanReport:
     """Remove what dead podnet processes left: first what their journals list, then any netns or
     root-netns link whose name starts with `prefix`. Whatever a live process's journal claims
-    stays, even if a dead journal lists it too.
+    stays, even if a dead journal lists it too: the journals in `state_dir` (with its cluster
+    nodes', under `<state_dir>/nodes/<node>/`) and every one the registry points at, wherever it is.
 
-    Journals are released when their own prefix starts with `prefix` (so every name they hold
-    does too). If a live journal cannot be read, the prefix sweep is skipped: its claims are unknown.
-    The journals of a cluster's node processes, under `<state_dir>/nodes/<node>/`, count as well.
+    Dead owners' journals are released when their own prefix starts with `prefix` (so every name
+    they hold does too): those in `state_dir`, and those the registry reaches if this user owns
+    them. A dead owner's pointer goes with its journal (at once if the journal is gone). If the
+    registry or a live journal cannot be read, the prefix sweep is skipped: its claims are unknown.
     """
     validate_prefix(prefix)
     state_dir = state_dir or state_dir_default()
+    live_dir = live_dir or live_dir_default()
     removed: list[Entry] = []
     journals: list[str] = []
     kept: list[str] = []
     errors: list[str] = []
     claimed: set[tuple[ResourceKind, str, str | None]] = set()
     dead: list[Resources] = []
+    seen: set[str] = set()  # journals read already, by real path
     sweep = True
 
     # a cluster's nodes journal under <state_dir>/nodes/<node>/ (podnet.cluster_node)
@@ -485,9 +626,10 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
         owner = _journal_owner(path)
         if owner is None:
             continue
+        seen.add(os.path.realpath(path))
         alive = process_matches(*owner)
         try:
-            journal = Resources.adopt(path)
+            journal = Resources.adopt(path, live_dir=live_dir)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if alive:
                 errors.append(f"live journal {path} unreadable, prefix sweep skipped: {exc!r}")
@@ -499,6 +641,27 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
         if alive:
             claimed.update(_claim(e) for e in journal.entries)
         elif journal.prefix.startswith(prefix):
+            dead.append(journal)
+
+    # every other run on the machine, whatever its state dir: a lab's, the bench's, a test's
+    try:
+        pointers = registered_journals(live_dir)
+    except OSError as exc:
+        errors.append(f"registry {live_dir} unreadable, prefix sweep skipped: {exc!r}")
+        pointers, sweep = [], False
+    for pointer in pointers:
+        if os.path.realpath(pointer.journal) in seen:
+            continue
+        seen.add(os.path.realpath(pointer.journal))
+        alive = pointer.alive
+        if alive:
+            try:
+                claimed.update(_claim(e) for e in _live_entries(pointer))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                errors.append(f"live journal {pointer.journal} (registry {pointer.path}) unreadable, "
+                              f"prefix sweep skipped: {exc!r}")
+                sweep = False
+        elif (journal := _dead_journal(pointer, prefix, live_dir, errors)) is not None:
             dead.append(journal)
 
     for journal in dead:
@@ -516,6 +679,10 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
         owner = _journal_owner(os.path.basename(tmp)[1:-4])
         if owner is not None and not process_matches(*owner):
             os.unlink(tmp)
+    for tmp in glob.glob(os.path.join(live_dir, ".*.tmp")):  # a pointer's, SIGKILLed while made
+        m = _POINTER_RE.fullmatch(os.path.basename(tmp)[1:-4])
+        if m is not None and not process_matches(int(m[1]), int(m[2])):
+            _unlink_pointer(tmp, errors)
 
     if sweep:
         swept, sweep_kept, sweep_errors = _sweep(prefix, claimed)
@@ -528,6 +695,54 @@ def clean(prefix: str = DEFAULT_PREFIX, state_dir: str | None = None) -> CleanRe
     return CleanReport(
         removed=tuple(removed), journals=tuple(journals), kept=tuple(kept), errors=tuple(errors)
     )
+
+
+def _live_entries(pointer: Pointer) -> tuple[Entry, ...]:
+    """What the journal of a live pointer claims. Its owner writes the journal before the pointer
+    and drops the pointer before the journal, so a journal missing while the pointer is gone too
+    was just released (nothing claimed); one read again covers a release and a new record between."""
+    if _journal_owner(pointer.journal) != (pointer.pid, pointer.starttime):
+        raise ValueError(f"the pointer names {pointer.journal}, not a journal of its owner")
+    for _ in range(2):
+        try:
+            return Resources.adopt(pointer.journal).entries
+        except FileNotFoundError:
+            if not os.path.lexists(pointer.path):
+                return ()
+    raise FileNotFoundError(errno.ENOENT, "journal missing while its owner's pointer stays", pointer.journal)
+
+
+def _dead_journal(pointer: Pointer, prefix: str, live_dir: str, errors: list[str]) -> Resources | None:
+    """The journal of a dead owner's pointer, to release if its prefix is within `prefix`; None
+    (the pointer removed) if it is gone or cannot be trusted, None (the pointer kept, for a `clean`
+    with a wider prefix) if its prefix is another's."""
+    if _journal_owner(pointer.journal) != (pointer.pid, pointer.starttime):
+        errors.append(f"registry {pointer.path} names {pointer.journal}, not a journal of its owner: removed")
+        _unlink_pointer(pointer.path, errors)
+        return None
+    try:
+        journal = Resources.adopt(pointer.journal, live_dir=live_dir, owner_uid=os.geteuid())
+    except FileNotFoundError:  # released, or removed with its state dir
+        _unlink_pointer(pointer.path, errors)
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        errors.append(f"journal {pointer.journal} of a dead process not released (left for a clean on its "
+                      f"state dir), its pointer removed: {exc!r}")
+        _unlink_pointer(pointer.path, errors)
+        return None
+    if not journal.prefix.startswith(prefix):
+        return None
+    journal.pointer_path = pointer.path
+    return journal
+
+
+def _unlink_pointer(path: str, errors: list[str]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        errors.append(f"registry pointer {path}: {exc!r}")
 
 
 def _sweep(
