@@ -349,7 +349,23 @@ def test_terminating_backends_keep_open_flows_but_get_no_new_ones():
                    if lb.Lb4Backend.unpack(v).address == first.dnat[0]]
     assert lb.Lb4Backend.unpack(b.maps.backends.peek(lb.pack_backend_key(backend_ids[0]))).flags == \
         lb.BackendState.TERMINATING
-    assert b.decide(syn(CLIENT, "10.96.0.10"), NOW + 1).dnat == first.dnat      # its CT entry still leads there
+    # its CT entry still leads an open flow there (drain), but a SYN reopening the tuple goes to an
+    # active backend (lb4_local: backend->flags != BE_STATE_ACTIVE && state->syn), and the entry follows
+    established = dataclasses.replace(syn(CLIENT, "10.96.0.10"), tcp_flags=0x10)
+    assert b.decide(established, NOW + 1).dnat == first.dnat
+    reopened = b.decide(syn(CLIENT, "10.96.0.10"), NOW + 1)
+    assert reopened.dnat[0] in {ip(e.ip) for e in rest} and "terminating, SYN: select again" in reopened.path[1]
+    assert b.decide(established, NOW + 2).dnat == reopened.dnat
+    # UDP has no SYN: a datagram on a tuple whose backend is terminating stays with it
+    dns = svc("dns", "10.96.0.53", *WEB.endpoints, port=53, protocol="UDP")
+    b.sync([svc("web", "10.96.0.10", *rest, E(going.ip, ready=False, serving=True, terminating=True)), dns])
+    udp = syn(CLIENT, "10.96.0.53", dport=53, proto=17)
+    before = b.decide(udp, NOW + 3).dnat
+    going_udp = [e for e in WEB.endpoints if ip(e.ip) == before[0]][0]
+    b.sync([svc("web", "10.96.0.10", *rest, E(going.ip, ready=False, serving=True, terminating=True)),
+            svc("dns", "10.96.0.53", *[e for e in WEB.endpoints if e is not going_udp],
+                E(going_udp.ip, ready=False, serving=True, terminating=True), port=53, protocol="UDP")])
+    assert b.decide(udp, NOW + 4).dnat == before
     assert all(b.decide(syn(CLIENT, "10.96.0.10", sport=50000 + i), NOW).dnat[0] != first.dnat[0] for i in range(50))
     # only terminating-but-serving endpoints left: they take the slots (the fallback)
     b.sync([svc("web", "10.96.0.10", E(going.ip, ready=False, serving=True, terminating=True))])

@@ -48,6 +48,12 @@ from .maps import LpmTrieMap
 __all__ = ["OpenFlow", "ProgramConfig", "Programs", "XdpAction"]
 
 _LB_PROTOS = frozenset({6, 17, 132})
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
+
+
+def _is_syn(pkt: PacketInfo) -> bool:
+    """ct_state.syn: a TCP SYN without ACK, the packet that opens (or reopens) a connection."""
+    return pkt.proto == 6 and pkt.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN
 # the flag bits as plain ints: IntFlag arithmetic costs a microsecond per packet
 _EXTERNAL_TYPES = int(ServiceFlags.NODEPORT | ServiceFlags.EXTERNAL_IP | ServiceFlags.LOADBALANCER | ServiceFlags.HOSTPORT)
 _F_TWO_SCOPES = int(ServiceFlags.TWO_SCOPES)
@@ -222,17 +228,25 @@ class Programs:
         cost += 1
         entry = self.ct.lookup(svc_tuple, now, count=effects)
         backend = None
-        reused = False
+        reused = reselect = False
         if entry is not None and entry.rev_nat_index == svc.rev_nat_index:
             cost += 1
             raw = maps.backends.lookup(lb.pack_backend_key(entry.backend_id)) if effects \
                 else maps.backends.peek(lb.pack_backend_key(entry.backend_id))
             if raw is not None:
-                backend_id, backend, reused = entry.backend_id, lb.Lb4Backend.unpack(raw), True
-                path.append(f"ct4_global[{svc_tuple.describe().strip()}]: backend {backend_id}")
+                found = lb.Lb4Backend.unpack(raw)
+                if found.flags == lb.BackendState.ACTIVE or not _is_syn(pkt):
+                    backend_id, backend, reused = entry.backend_id, found, True
+                    path.append(f"ct4_global[{svc_tuple.describe().strip()}]: backend {backend_id}")
+                else:
+                    # lb4_local drains a backend that is no longer active (terminating, quarantined)
+                    # of the connections it has, but a SYN reopening its tuple goes to an active one
+                    reselect = True
+                    path.append(f"ct4_global[{svc_tuple.describe().strip()}]: backend {entry.backend_id} "
+                                f"{lb.BackendState(found.flags).name.lower()}, SYN: select again")
         affinity_key = None
         if backend is None:
-            if flags & _F_AFFINITY:
+            if flags & _F_AFFINITY and not reselect:
                 affinity_key = lb.Lb4AffinityKey(pkt.src, svc.rev_nat_index).pack()
                 backend_id, n = self._affinity(affinity_key, svc, now, effects, path)
                 cost += n
