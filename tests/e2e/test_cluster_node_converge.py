@@ -32,12 +32,14 @@ import pytest
 from podnet.cluster.model import Manifests, Namespace, Node, ObjectMeta
 from podnet.cluster.topology import ClusterConfig
 from podnet.store import CompactedError, EmbeddedStore, StoreUnavailable
-from podnet.store.flannel import SUBNETS_PREFIX, subnet_key
+from podnet.store.flannel import subnet_key
 from podnet.store.objects import encode, key_of, kind_prefix, object_key
 from podnet.testing.store import FaultyStore
 
 from .cluster_pods import ASK, WHO, placed
 from .pods import pod
+
+from .waiting import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -49,13 +51,9 @@ def _who(name: str, node: str):
     return placed(pod(name, [sys.executable, "-c", WHO], port=8080), node)
 
 
+
 def _wait(predicate, what: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, what, timeout_s, interval_s=0.1)
 
 
 def _ask(c, target_ip: str) -> str:

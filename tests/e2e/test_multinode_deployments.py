@@ -27,16 +27,14 @@ from podnet.linux.netns import netns_exists, popen_in_netns
 from .cluster_pods import NODES, placed
 from .test_lifecycle import CLIENT, client_pod, deployment, web_service
 
+from .waiting import wait_until
+
 pytestmark = pytest.mark.root
 
 
+
 def _wait(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, what, timeout_s, interval_s=0.1)
 
 
 def test_a_deployment_spreads_over_the_nodes_and_rolls_out_without_a_failed_connection(tmp_path):

@@ -18,9 +18,10 @@ import pytest
 from podnet.cluster.topology import ClusterConfig
 from podnet.cluster_procs import run_cluster_processes
 from podnet.linux.resources import process_matches
-from podnet.store.etcd_server import ETCD_BINARY, run_etcd
 
 from .cluster_pods import ASK, cluster
+
+from .waiting import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -43,22 +44,11 @@ def _probe(c, target: str, port: int = 8080, timeout_s: float = 5.0) -> str:
     return done.stdout.decode().strip() or f"no answer: {done.stderr.decode(errors='replace')[-500:]}"
 
 
+
 def _wait(predicate, what: str, timeout_s: float = 30.0):
-    import time
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, what, timeout_s, interval_s=0.2)
 
 
-@pytest.fixture
-def etcd():
-    if not os.access(ETCD_BINARY, os.X_OK):
-        pytest.fail(f"{ETCD_BINARY} is missing (Debian's etcd-server; `make setup` installs it)")
-    with run_etcd() as server:
-        yield server
 
 
 def test_kill_a_node_process_and_start_it_again(etcd, tmp_path):
@@ -78,7 +68,7 @@ def test_kill_a_node_process_and_start_it_again(etcd, tmp_path):
 
         # node-2 crashes: its pod is unreachable, everything else goes on
         c.kill_node("node-2")
-        assert not process_matches(pids["node-2"], 0) and os.path.exists(f"/run/netns/pn-me-web-2")
+        assert not process_matches(pids["node-2"], 0) and os.path.exists("/run/netns/pn-me-web-2")
         assert _probe(c, web2, timeout_s=1.0).startswith("failed")
         assert _probe(c, blob, port=9000).startswith("ok peer=")
         assert _probe(c, web3) == f"ok web-3 {client_ip}"

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pytest
 
 from podnet.cluster.model import Manifests, Node, ObjectMeta
 from podnet.cluster.topology import ClusterConfig
 from podnet.cluster_procs import run_cluster_processes
-from podnet.store.etcd_server import ETCD_BINARY, run_etcd
 
 from .cluster_pods import NODES, placed
 from .test_lifecycle import client_pod, deployment, web_service
+
+from .waiting import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -44,21 +44,11 @@ def _answers(c, cluster_ip: str, n: int = 30, *, strict: bool = True) -> set[str
     return {line for line in done.stdout.decode().split("\n") if line}
 
 
+
 def _wait(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(predicate, what, timeout_s, interval_s=0.2)
 
 
-@pytest.fixture
-def etcd():
-    if not os.access(ETCD_BINARY, os.X_OK):
-        pytest.fail(f"{ETCD_BINARY} is missing (Debian's etcd-server; `make setup` installs it)")
-    with run_etcd() as server:
-        yield server
 
 
 def test_a_deployment_spreads_over_node_processes_and_scales_down(etcd, tmp_path):

@@ -10,13 +10,11 @@ is answered by the one node process the election picks. `podnet down` removes th
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import pytest
 
-from podnet.store.etcd_server import ETCD_BINARY, run_etcd
 
 from .clitools import netns_with, podnet
 from .cluster_pods import WHO
@@ -27,12 +25,6 @@ pytestmark = pytest.mark.root
 PREFIX = "pn-mq-"
 
 
-@pytest.fixture
-def etcd():
-    if not os.access(ETCD_BINARY, os.X_OK):
-        pytest.fail(f"{ETCD_BINARY} is missing (Debian's etcd-server; `make setup` installs it)")
-    with run_etcd() as server:
-        yield server
 
 
 def _cluster_yaml(path) -> str:
