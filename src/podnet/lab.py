@@ -54,7 +54,7 @@ from podnet.deployments import DeploymentController, RolloutReport
 from podnet.errors import ConfigError
 from podnet.lifecycle import supervise, terminate_pod
 from podnet.linux import names
-from podnet.linux.netns import create_netns, delete_netns, run_in_netns
+from podnet.linux.netns import delete_netns, run_in_netns
 from podnet.linux.pod import plumb_pod
 from podnet.linux.resources import Entry, ResourceKind, Resources, state_dir_default
 from podnet.linux.tap import Tap, open_tap
@@ -414,11 +414,9 @@ class Lab:
         key = _pod_netns_key(pod)
         netns = names.netns_name(key, self.config.prefix)
         allocation = self.ipam.allocate(pod.key, "eth0")
-        entry = self.resources.record_netns(netns)
-        created, tap = False, None
+        entry, tap = None, None
         try:
-            create_netns(netns)
-            created = True
+            entry = self.resources.create_netns(netns)
             tap = open_tap(names.tap_name(key, self.config.prefix), vnet_hdr=self.config.vnet_hdr,
                            offloads=self.config.offloads)
             if self.config.mode is NodeMode.BRIDGE:
@@ -430,9 +428,9 @@ class Lab:
         except BaseException:
             if tap is not None:
                 tap.close()
-            if created:
+            if entry is not None:   # made here: removed here (a name in use is not ours)
                 delete_netns(netns)
-            self.resources.forget(entry)  # created or not, it is not ours to remove any more
+                self.resources.forget(entry)
             self.ipam.release(pod.key, "eth0")
             raise
         self._taps.append(tap)
@@ -446,12 +444,7 @@ class Lab:
         if ipaddress.IPv4Address(self.config.node_ip) not in net:
             raise ConfigError(f"LabConfig.node_ip {self.config.node_ip} is not in uplink_cidr {net}")
         client_ip = str(net.network_address + 1)
-        entry = self.resources.record_netns(netns)
-        try:
-            create_netns(netns)
-        except FileExistsError:   # another lab's external client: its namespace stays
-            self.resources.forget(entry)
-            raise
+        self.resources.create_netns(netns)   # a name in use (another lab's client) is refused, left alone
         tap = open_tap(names.tap_name("uplink", self.config.prefix), vnet_hdr=self.config.vnet_hdr,
                        offloads=self.config.offloads)
         self._taps.append(tap)

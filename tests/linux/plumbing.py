@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from podnet.core.overlay import FlannelNode
 from podnet.linux.names import tap_name
-from podnet.linux.netns import create_netns, open_iproute
+from podnet.linux.netns import open_iproute
 from podnet.linux.pod import plumb_pod
 from podnet.linux.resources import Resources
 from podnet.linux.tap import Tap, open_tap
@@ -69,8 +69,7 @@ class Plumbing:
     def add_netns(self, what: str, *, ipv6: bool = False) -> str:
         """A journalled namespace named `<prefix><what><n>`; its name."""
         name = self.lab.name(what)
-        self.resources.record_netns(name)
-        create_netns(name, ipv6=ipv6)
+        self.resources.create_netns(name, ipv6=ipv6)
         return name
 
     def add_bridge(self, what: str) -> Underlay:

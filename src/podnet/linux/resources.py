@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from pyroute2.netlink.exceptions import NetlinkError
 
 from podnet.linux.names import DEFAULT_PREFIX, validate_prefix
-from podnet.linux.netns import delete_netns, list_netns, netns_exists, open_iproute
+from podnet.linux.netns import create_netns, delete_netns, list_netns, netns_exists, open_iproute
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +409,18 @@ class Resources:
     def record_netns(self, name: str) -> Entry:
         self._check_name(ResourceKind.NETNS, name)
         return self._add(Entry(ResourceKind.NETNS, name))
+
+    def create_netns(self, name: str, *, ipv6: bool = True) -> Entry:
+        """Journal netns `name`, then make it (netns.create_netns). If it already exists it is
+        someone else's (another run with the same prefix): FileExistsError, and it is neither
+        claimed nor touched. A namespace half made is removed by create_netns itself."""
+        entry = self.record_netns(name)
+        try:
+            create_netns(name, ipv6=ipv6)
+        except BaseException:
+            self.forget(entry)
+            raise
+        return entry
 
     def record_link(self, name: str, netns: str | None = None) -> Entry:
         self._check_name(ResourceKind.LINK, name)

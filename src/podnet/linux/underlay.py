@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from podnet.linux import names
-from podnet.linux.netns import create_netns, delete_netns, netns_exists, open_iproute, run_in_netns
+from podnet.linux.netns import delete_netns, netns_exists, open_iproute, run_in_netns
 from podnet.linux.resources import Entry, Resources
 from podnet.linux.tap import Tap, open_tap
 
@@ -56,17 +56,13 @@ def underlay_netns(prefix: str = names.DEFAULT_PREFIX) -> str:
 def create_underlay(resources: Resources, netns: str | None = None) -> tuple[Underlay, Entry]:
     """Make the underlay namespace and its bridge (blocking netlink work). On failure nothing stays."""
     netns = netns or underlay_netns(resources.prefix)
-    entry = resources.record_netns(netns)
+    entry = resources.create_netns(netns, ipv6=False)
     try:
-        create_netns(netns, ipv6=False)
         with open_iproute(netns) as ipr:
             ipr.link("add", ifname=BRIDGE, kind="bridge", br_stp_state=0, br_forward_delay=0)
             index = ipr.link_lookup(ifname=BRIDGE)[0]
             ipr.link("set", index=index, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-    except FileExistsError:   # another run's namespace of that name: not ours to delete
-        resources.forget(entry)
-        raise
     except BaseException:
         delete_netns(netns)
         resources.forget(entry)
@@ -108,9 +104,8 @@ def open_uplink(underlay: Underlay, key: str, *, prefix: str = names.DEFAULT_PRE
 def add_veth_host(underlay: Underlay, resources: Resources, netns: str, *, ifname: str = "eth0") -> Entry:
     """A namespace `netns` (made here, journalled) with a veth `ifname` into the underlay bridge,
     up and without an address: the caller gives it one (a kernel node, an external client)."""
-    entry = resources.record_netns(netns)
+    entry = resources.create_netns(netns, ipv6=False)
     try:
-        create_netns(netns, ipv6=False)
         peer = names.link_name(netns, kind=names.KIND_VETH, prefix=resources.prefix)
         with open_iproute(netns) as ipr:
             ipr.link("add", ifname=ifname, kind="veth", peer=peer)
@@ -121,9 +116,6 @@ def add_veth_host(underlay: Underlay, resources: Resources, netns: str, *, ifnam
             index = ipr.link_lookup(ifname=peer)[0]
             ipr.link("set", index=index, master=ipr.link_lookup(ifname=underlay.bridge)[0])
             ipr.link("set", index=index, state="up")
-    except FileExistsError:   # another run's namespace of that name: not ours to delete
-        resources.forget(entry)
-        raise
     except BaseException:
         delete_netns(netns)
         resources.forget(entry)
