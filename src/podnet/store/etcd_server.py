@@ -63,7 +63,8 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent():
+def die_with_parent():
+    """A preexec_fn that asks the kernel to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG)."""
     libc = ctypes.CDLL(None, use_errno=True)  # loaded here, in the parent: the child only calls
 
     def preexec() -> None:
@@ -71,7 +72,8 @@ def _die_with_parent():
     return preexec
 
 
-def _healthy(url: str) -> bool:
+def etcd_healthy(url: str) -> bool:
+    """etcd at client URL `url` answers /health with true."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
             return b'"true"' in response.read()
@@ -117,11 +119,11 @@ def run_etcd(*, binary: str = ETCD_BINARY, name: str = "podnet", heartbeat_ms: i
                     "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"]
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(),
+                                           stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
                                            close_fds=True)
             deadline = time.monotonic() + ready_timeout_s
             while process.poll() is None and time.monotonic() < deadline:
-                if _healthy(client):
+                if etcd_healthy(client):
                     yield EtcdServer(process.pid, client_port, peer_port, data_dir, log_path)
                     return
                 time.sleep(0.05)

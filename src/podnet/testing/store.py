@@ -22,19 +22,17 @@ it and starts it again with the same command line, data dir and ports.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from podnet.store.base import KeyValue, Lease, Listing, Store, StoreUnavailable, Watch
-from podnet.store.etcd_server import LOOPBACK, EtcdServer
+from podnet.store.etcd_server import LOOPBACK, EtcdServer, die_with_parent, etcd_healthy
 
 
 @dataclass
@@ -241,14 +239,13 @@ class EtcdRestarter:
 
     def start(self) -> None:
         """Start it again and wait until it answers /health."""
-        libc = ctypes.CDLL(None, use_errno=True)   # PR_SET_PDEATHSIG, as run_etcd: it dies with us
-        with open(self.server.log_path, "ab") as log:
+        with open(self.server.log_path, "ab") as log:   # it dies with us, as run_etcd's does
             process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       close_fds=True, preexec_fn=lambda: libc.prctl(1, signal.SIGTERM))
+                                       close_fds=True, preexec_fn=die_with_parent())
         self._started.append(process)
         self.pid = process.pid
         deadline = time.monotonic() + self.timeout_s
-        while not _healthy(self.server.client_port):
+        while not etcd_healthy(self.server.client_url):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise StoreUnavailable(f"etcd did not come back on {LOOPBACK}:{self.server.client_port} "
                                        f"(see {self.server.log_path})")
@@ -283,14 +280,6 @@ def _exited(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[1].startswith("Z")
     except (FileNotFoundError, IndexError):
         return True
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=1) as response:
-            return b'"true"' in response.read()
-    except OSError:
-        return False
 
 
 __all__ = ["Call", "EtcdRestarter", "FaultyStore"]
