@@ -26,6 +26,7 @@ from podnet.cluster_deployments import StoreDeployment
 from podnet.control_plane import ControlPlane, allocated
 from podnet.store import EmbeddedStore
 from podnet.store.objects import ObjectView, encode, kind_prefix, object_key, update_pod_status
+from podnet.testing.waiting import await_until
 
 CONFIG = ClusterConfig(network="vxlan", prefix="pn-cd-")
 NODES = ("node-1", "node-2", "node-3")
@@ -88,13 +89,6 @@ class Kubelets:
             await trio.sleep(period_s)
 
 
-async def _until(predicate, what: str, timeout_s: float = 10.0):
-    with trio.move_on_after(timeout_s):
-        while not (value := predicate()):
-            await trio.sleep(0.01)
-        return value
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 async def test_replicas_are_pod_objects_with_the_template_hash_spread_over_the_nodes():
     store = EmbeddedStore()
@@ -103,7 +97,7 @@ async def test_replicas_are_pod_objects_with_the_template_hash_spread_over_the_n
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control_plane.run)
-            pods = await _until(lambda: len(p := _pods(store)) == 4 and p, "4 pods in the store")
+            pods = await await_until(lambda: len(p := _pods(store)) == 4 and p, "4 pods in the store")
             pod_hash = template_hash(deployment.template)
             for name, (pod, status) in pods.items():
                 assert name.startswith(f"web-{pod_hash}-") and len(name) == len(f"web-{pod_hash}-") + 5
@@ -130,11 +124,11 @@ async def test_a_rollout_keeps_to_max_surge_and_max_unavailable_as_pods_turn_rea
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control_plane.run)
-            await _until(lambda: len(_pods(store)) == 4, "4 pods")
+            await await_until(lambda: len(_pods(store)) == 4, "4 pods")
             for _ in range(3):
                 kubelets.step()
             web = control_plane.deployments.get("default", "web")
-            await _until(lambda: web.complete, "the first rollout")
+            await await_until(lambda: web.complete, "the first rollout")
             old = set(_pods(store))
             kubelets.max_pods, kubelets.min_ready = 0, None
             # new pods turn Ready one at a time, so the surge and unavailability budgets are what limit it
@@ -162,14 +156,14 @@ async def test_scale_down_deletes_keys_in_the_replica_set_order():
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control_plane.run)
-            names = sorted(await _until(lambda: len(p := _pods(store)) == 5 and p, "5 pods"))
+            names = sorted(await await_until(lambda: len(p := _pods(store)) == 5 and p, "5 pods"))
             web = control_plane.deployments.get("default", "web")
             pending, unready = names[0], names[1]   # one never started (no status), one started not Ready
             pods = _pods(store)
             for name in names[1:]:
                 update_pod_status(store, object_key(pods[name][0]),
                                   PodStatus(next(kubelets.ips), name != unready, False, pods[name][0].node_name))
-            await _until(lambda: web.status is not None and web.status.ready_replicas == 3, "3 Ready")
+            await await_until(lambda: web.status is not None and web.status.ready_replicas == 3, "3 Ready")
             report = await web.scale(3, timeout_s=10)
             assert report.deleted == (pending, unready)
             assert set(_pods(store)) == set(names[2:])
@@ -178,9 +172,9 @@ async def test_scale_down_deletes_keys_in_the_replica_set_order():
             last = names[4]
             node = pods[last][0].node_name
             update_pod_status(store, object_key(pods[last][0]), PodStatus("10.244.9.250", False, False, node))
-            await _until(lambda: web.status.ready_replicas == 2, "one unready")
+            await await_until(lambda: web.status.ready_replicas == 2, "one unready")
             update_pod_status(store, object_key(pods[last][0]), PodStatus("10.244.9.250", True, False, node))
-            await _until(lambda: web.status.ready_replicas == 3, "ready again")
+            await await_until(lambda: web.status.ready_replicas == 3, "ready again")
             report = await web.scale(2, timeout_s=10)
             assert report.deleted == (last,)
             assert set(_pods(store)) == set(names[2:4]), (names, sorted(_pods(store)), report)

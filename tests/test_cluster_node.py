@@ -28,6 +28,7 @@ from podnet.store import EmbeddedStore
 from podnet.store.flannel import LeaseAttrs, acquire_subnet_lease, subnet_key, write_network_config
 from podnet.store.objects import encode, key_of, kind_prefix, object_key
 from podnet.testing.store import FaultyStore
+from podnet.testing.waiting import await_until
 
 SPECS = node_specs(tuple(Node(ObjectMeta(f"node-{i}", "")) for i in (1, 2, 3)), "172.18.0.0/24")
 
@@ -58,13 +59,6 @@ async def running_node(store, tmp_path):
         yield node
 
 
-async def _until(predicate, what: str, timeout_s: float = 10.0) -> None:
-    with trio.move_on_after(timeout_s):
-        while not predicate():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 async def test_a_lease_the_node_cannot_read_is_skipped_and_the_good_peers_are_programmed(tmp_path):
     store = EmbeddedStore()
@@ -93,18 +87,18 @@ async def test_a_lease_the_node_cannot_read_is_skipped_and_the_good_peers_are_pr
                 {"PublicIP": "172.18.0.21", "BackendType": "vxlan", "BackendData": {"VNI": 1 << 24,
                                                                                     "VtepMAC": "0e:00:00:00:00:21"}}))
             put_lease(store, "10.244.3.0/24", vxlan_attrs(node3).to_json())
-            await _until(lambda: "10.244.3.0/24" in node.peers, "node-3's lease")
+            await await_until(lambda: "10.244.3.0/24" in node.peers, "node-3's lease")
             assert node.flannel.resolve("10.244.3.9") == (node3.vtep_mac, node3.ip)
             assert node.leases_skipped == 5 and "a VNI is 24 bits" in node.bad_leases[subnet_key("10.244.11.0/24")]
 
             # a good peer's lease rewritten badly: what it programmed stays (flanneld skips the event)
             put_lease(store, "10.244.2.0/24", {"PublicIP": node2.ip, "BackendType": "vxlan",
                                                "BackendData": {"VNI": 1, "VtepMAC": "not-a-mac"}})
-            await _until(lambda: good in node.bad_leases, "the rewritten lease")
+            await await_until(lambda: good in node.bad_leases, "the rewritten lease")
             assert node.flannel.resolve("10.244.2.7") == (node2.vtep_mac, node2.ip)
             # and deleted: its entries go, and it is no longer reported as bad
             store.delete(good)
-            await _until(lambda: "10.244.2.0/24" not in node.peers, "the deleted lease")
+            await await_until(lambda: "10.244.2.0/24" not in node.peers, "the deleted lease")
             assert node.flannel.resolve("10.244.2.7") is None and good not in node.bad_leases
             nursery.cancel_scope.cancel()
     finally:
@@ -133,7 +127,7 @@ async def test_wait_synced_waits_for_the_services_and_the_slices_both(tmp_path):
             store.put(object_key(service), encode(service))
             endpoint_slice = _slice(service)
             revision = store.put(object_key(endpoint_slice), encode(endpoint_slice))
-            await _until(lambda: node.lab.cluster_slices, "the slice")
+            await await_until(lambda: node.lab.cluster_slices, "the slice")
             with pytest.raises(trio.TooSlowError):   # it can never be synced while the Service is missing
                 await node.wait_synced(revision, timeout_s=1.0)
             assert node.lab.manifests.services == ()
@@ -197,7 +191,7 @@ async def test_a_service_slice_or_pod_the_node_cannot_read_is_skipped_and_counte
             assert _backends(node, "10.96.0.10") == ["10.244.2.2:8080"]
             # a pod value it cannot read: skipped and counted, the pod watch goes on
             store.put(key_of("Pod", "default", "mangled"), b'{"kind": "Pod", "metadata": []}')
-            await _until(lambda: node.objects_skipped == 4, "the bad pod")
+            await await_until(lambda: node.objects_skipped == 4, "the bad pod")
             assert "metadata: must be an object" in node.bad_objects[key_of("Pod", "default", "mangled")]
             # the bad keys deleted: gone, and no longer reported
             store.delete(web_key)

@@ -22,6 +22,7 @@ from podnet.control_plane import ControlPlane, allocated, pods_from_store
 from podnet.store import EmbeddedStore, StoreUnavailable
 from podnet.store.objects import decode, encode, key_of, kind_prefix, object_key, update_pod_status
 from podnet.testing.store import FaultyStore
+from podnet.testing.waiting import await_until
 
 CONFIG = ClusterConfig(network="vxlan", prefix="pn-cp-")
 IPS = {"web-1": ("10.244.1.2", "node-1"), "web-2": ("10.244.2.2", "node-2")}
@@ -56,13 +57,6 @@ def _register(store) -> None:
         store.put(object_key(node), encode(node))
 
 
-async def _until(predicate, what: str, timeout_s: float = 10.0):
-    with trio.move_on_after(timeout_s):
-        while not (value := predicate()):
-            await trio.sleep(0.01)
-        return value
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 async def test_the_controller_waits_out_a_store_it_cannot_reach_and_derives_again():
     store = FaultyStore(EmbeddedStore())
@@ -86,22 +80,22 @@ async def test_the_controller_waits_out_a_store_it_cannot_reach_and_derives_agai
             await nursery.start(control_plane.run)
             assert _endpoints(store) == {"10.244.1.2": True, "10.244.2.2": True}
             watched = (kind_prefix("Pod"), kind_prefix("Node"), kind_prefix("Service"))
-            await _until(lambda: all(store.open_watches(prefix) for prefix in watched), "the controller's watches")
+            await await_until(lambda: all(store.open_watches(prefix) for prefix in watched), "the controller's watches")
             # web-2 goes unready, and etcd goes away as the controller starts deriving from it
             down.append(("down", ""))
             _report(store.inner, "web-2", ready=False)
-            await _until(lambda: down.count(("list", slices)) >= 1, "a derivation failing while etcd is away")
+            await await_until(lambda: down.count(("list", slices)) >= 1, "a derivation failing while etcd is away")
             for prefix in watched:   # and the watches break
                 assert store.fail_watches(prefix, StoreUnavailable("etcd: connection reset")) == 1
-            await _until(lambda: down.count(("list", slices)) >= 3, "derivations tried again while etcd is away")
+            await await_until(lambda: down.count(("list", slices)) >= 3, "derivations tried again while etcd is away")
             assert _endpoints(store.inner) == {"10.244.1.2": True, "10.244.2.2": True}   # nothing written meanwhile
             down.clear()   # etcd is back: the next try derives the change; nothing else triggers it
-            await _until(lambda: _endpoints(store) == {"10.244.1.2": True, "10.244.2.2": False},
+            await await_until(lambda: _endpoints(store) == {"10.244.1.2": True, "10.244.2.2": False},
                          "the slices derived once etcd is back")
             assert control_plane.reconcile_failures >= 3
             # and the controller goes on deriving
             _report(store, "web-2", ready=True)
-            await _until(lambda: _endpoints(store) == {"10.244.1.2": True, "10.244.2.2": True}, "the next change")
+            await await_until(lambda: _endpoints(store) == {"10.244.1.2": True, "10.244.2.2": True}, "the next change")
             nursery.cancel_scope.cancel()
     finally:
         store.close()
@@ -133,16 +127,16 @@ async def test_a_service_or_pod_the_controller_cannot_read_is_skipped_and_counte
             # web rewritten badly: its last good version stays, and so do its slices
             web = key_of("Service", "default", "web")
             store.put(web, _bad_service("web", 0))
-            await _until(lambda: control_plane.objects_skipped == 2, "the bad rewrite of web")
+            await await_until(lambda: control_plane.objects_skipped == 2, "the bad rewrite of web")
             assert "spec.ports[0].port" in control_plane.bad_objects[web]
             # a pod value it cannot read (web-2 rewritten by hand): skipped; its last good status counts
             web2 = key_of("Pod", "default", "web-2")
             store.put(web2, b'{"kind": "Pod", "metadata": {"name": "web-2"}, "status": 5}')
-            await _until(lambda: control_plane.objects_skipped == 3, "the bad pod")
+            await await_until(lambda: control_plane.objects_skipped == 3, "the bad pod")
             assert "web-2" in control_plane.bad_objects[web2]
             # then a real change: derived, with the last good versions of web and web-2
             _report(store, "web-1", ready=False)
-            await _until(lambda: _endpoints(store) == {"10.244.1.2": False, "10.244.2.2": True}, "web-1 unready")
+            await await_until(lambda: _endpoints(store) == {"10.244.1.2": False, "10.244.2.2": True}, "web-1 unready")
             assert {kv.key for kv in store.list(kind_prefix("EndpointSlice"))} == slices.keys()
 
             # what `podnet status` and wait_ready's error show: the unreadable pod, named

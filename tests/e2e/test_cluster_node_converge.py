@@ -39,7 +39,7 @@ from podnet.testing.store import FaultyStore
 from .cluster_pods import ASK, WHO, placed
 from .pods import pod
 
-from .waiting import wait_until
+from podnet.testing.waiting import wait_until
 
 pytestmark = pytest.mark.root
 

@@ -27,14 +27,11 @@ from podnet.linux.netns import netns_exists, popen_in_netns
 from .cluster_pods import NODES, placed
 from .test_lifecycle import CLIENT, client_pod, deployment, web_service
 
-from .waiting import wait_until
+from podnet.testing.waiting import wait_until
 
 pytestmark = pytest.mark.root
 
 
-
-def _wait(predicate, what: str, timeout_s: float = 30.0):
-    return wait_until(predicate, what, timeout_s, interval_s=0.1)
 
 
 def test_a_deployment_spreads_over_the_nodes_and_rolls_out_without_a_failed_connection(tmp_path):
@@ -57,7 +54,7 @@ def test_a_deployment_spreads_over_the_nodes_and_rolls_out_without_a_failed_conn
         try:
             time.sleep(1.0)
             report = c.rollout("default", "web", env={"VERSION": "2"}, timeout_s=60)
-            _wait(lambda: all(p.removed.is_set() for p in old), "the old pods gone", timeout_s=30)
+            wait_until(lambda: all(p.removed.is_set() for p in old), "the old pods gone", timeout_s=30)
             time.sleep(0.5)
         finally:
             stop.touch()

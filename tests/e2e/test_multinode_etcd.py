@@ -21,7 +21,7 @@ from podnet.linux.resources import process_matches
 
 from .cluster_pods import ASK, cluster
 
-from .waiting import wait_until
+from podnet.testing.waiting import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -44,9 +44,6 @@ def _probe(c, target: str, port: int = 8080, timeout_s: float = 5.0) -> str:
     return done.stdout.decode().strip() or f"no answer: {done.stderr.decode(errors='replace')[-500:]}"
 
 
-
-def _wait(predicate, what: str, timeout_s: float = 30.0):
-    return wait_until(predicate, what, timeout_s, interval_s=0.2)
 
 
 
@@ -73,8 +70,8 @@ def test_kill_a_node_process_and_start_it_again(etcd, tmp_path):
         assert _probe(c, blob, port=9000).startswith("ok peer=")
         assert _probe(c, web3) == f"ok web-3 {client_ip}"
         # once its registration lease ran out, the control plane takes its pod out of the Service
-        _wait(lambda: c.pod("web-2")["phase"] == "NodeLost", "node-2's pods to be marked lost", 60)
-        _wait(lambda: all(line.startswith("web-3") for line in c.exec(
+        wait_until(lambda: c.pod("web-2")["phase"] == "NodeLost", "node-2's pods to be marked lost", 60)
+        wait_until(lambda: all(line.startswith("web-3") for line in c.exec(
             "client", [sys.executable, "-c", ASK, cluster_ip, "80", "8"]).stdout.decode().split("\n") if line),
             "the Service to answer from node-3 alone")
 
@@ -83,8 +80,8 @@ def test_kill_a_node_process_and_start_it_again(etcd, tmp_path):
         assert c.nodes["node-2"].pid != pids["node-2"]
         c.wait_ready(60)
         assert c.pod("web-2")["ip"] == web2 and c.pod("web-2")["node"] == "node-2"
-        assert _wait(lambda: _probe(c, web2) == f"ok web-2 {client_ip}", "web-2 to answer again")
-        _wait(lambda: {line.split()[0] for line in c.exec(
+        assert wait_until(lambda: _probe(c, web2) == f"ok web-2 {client_ip}", "web-2 to answer again")
+        wait_until(lambda: {line.split()[0] for line in c.exec(
             "client", [sys.executable, "-c", ASK, cluster_ip, "80", "12"]).stdout.decode().split("\n") if line}
             == {"web-2", "web-3"}, "the Service to answer from both nodes again")
     assert not any(process_matches(pid, 0) for pid in pids.values())

@@ -20,7 +20,7 @@ from podnet.cluster_procs import run_cluster_processes
 from .cluster_pods import NODES, placed
 from .test_lifecycle import client_pod, deployment, web_service
 
-from .waiting import wait_until
+from podnet.testing.waiting import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -45,9 +45,6 @@ def _answers(c, cluster_ip: str, n: int = 30, *, strict: bool = True) -> set[str
 
 
 
-def _wait(predicate, what: str, timeout_s: float = 30.0):
-    return wait_until(predicate, what, timeout_s, interval_s=0.2)
-
 
 
 
@@ -69,7 +66,7 @@ def test_a_deployment_spreads_over_node_processes_and_scales_down(etcd, tmp_path
         (kept,) = c.deployment_pods("default", "web")
         assert kept["name"] not in report.deleted
         gone = [r for r in rows if r["name"] in report.deleted]
-        _wait(lambda: not any(os.path.exists(f"/run/netns/{r['netns']}") for r in gone),
+        wait_until(lambda: not any(os.path.exists(f"/run/netns/{r['netns']}") for r in gone),
               "the deleted pods' nodes to tear them down")
-        _wait(lambda: _answers(c, cluster_ip, 10, strict=False) == {kept["name"]}, "the Service to answer from the one left")
+        wait_until(lambda: _answers(c, cluster_ip, 10, strict=False) == {kept["name"]}, "the Service to answer from the one left")
         assert {r["name"] for r in c.status()} == {"client", kept["name"]}

@@ -16,6 +16,7 @@ from podnet.store.flannel import (CONFIG_KEY, SUBNETS_PREFIX, LeaseAttrs, Subnet
                                   parse_network_config, parse_subnet_key, read_network_config,
                                   release_subnet_lease, renew_subnet_lease, subnet_key,
                                   write_network_config)
+from podnet.testing.waiting import await_until
 
 NODES = {"node-a": ("172.18.0.2", "0e:00:00:00:00:0a"), "node-b": ("172.18.0.3", "0e:00:00:00:00:0b"),
          "node-c": ("172.18.0.4", "0e:00:00:00:00:0c")}
@@ -220,13 +221,6 @@ async def test_keep_subnet_lease_renews_and_stops_when_the_lease_is_deleted():
 # --- keep_subnet_lease through store outages ----------------------------------------------------
 
 
-async def _until(predicate, what: str, timeout_s: float = 10.0):
-    with trio.move_on_after(timeout_s):
-        while not (value := predicate()):
-            await trio.sleep(0.01)
-        return value
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def _faulty():
     from podnet.store import EmbeddedStore
@@ -247,15 +241,15 @@ async def test_keep_subnet_lease_outlives_a_broken_watch_and_a_compaction():
         with pytest.raises(ExceptionGroup) as raised:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=0.8, on_renew=renewals.append))
-                await _until(lambda: store.open_watches(lease.key), "the lease's watch")
+                await await_until(lambda: store.open_watches(lease.key), "the lease's watch")
                 assert store.fail_watches(lease.key, StoreUnavailable("etcd went away")) == 1
-                await _until(lambda: store.watches_opened.count(lease.key) == 2, "the watch opened again")
-                await _until(lambda: len(renewals) >= 2, "renewals")
+                await await_until(lambda: store.watches_opened.count(lease.key) == 2, "the watch opened again")
+                await await_until(lambda: len(renewals) >= 2, "renewals")
                 store.compact(store.revision())   # the history the watch would resume from is gone
                 assert store.fail_watches(lease.key, CompactedError("watch", 1, store.revision())) == 1
-                await _until(lambda: store.watches_opened.count(lease.key) == 3, "the watch after the compaction")
+                await await_until(lambda: store.watches_opened.count(lease.key) == 3, "the watch after the compaction")
                 seen = len(renewals)
-                await _until(lambda: len(renewals) >= seen + 2, "renewals after the compaction")
+                await await_until(lambda: len(renewals) >= seen + 2, "renewals after the compaction")
                 assert store.get(lease.key).lease == renewals[-1].lease_id   # still this node's lease
                 await trio.to_thread.run_sync(store.delete, lease.key)      # the reopened watch sees it
                 await trio.sleep(2)
@@ -275,7 +269,7 @@ async def test_keep_subnet_lease_after_a_compaction_a_key_gone_or_taken_is_lost(
         with pytest.raises(ExceptionGroup) as raised:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=60))
-                await _until(lambda: store.open_watches(lease.key), "the lease's watch")
+                await await_until(lambda: store.open_watches(lease.key), "the lease's watch")
                 store.hold(lease.key)   # the watch never delivers the change below
                 if meanwhile == "deleted":
                     store.delete(lease.key)
@@ -307,7 +301,7 @@ async def test_a_renewal_whose_answer_was_lost_is_adopted():
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=0.8, on_renew=renewals.append))
-            await _until(lambda: len(renewals) >= 3, "renewals after the lost answer")
+            await await_until(lambda: len(renewals) >= 3, "renewals after the lost answer")
             nursery.cancel_scope.cancel()
         assert len(lost_answers) == 1
         assert renewals[0].mod_revision == lost_answers[0]   # the write whose answer was lost
@@ -329,12 +323,12 @@ async def test_keep_subnet_lease_outlives_an_etcd_restart(etcd_server, etcd_rest
         with pytest.raises(ExceptionGroup) as raised:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=1.5, on_renew=renewals.append))
-                await _until(lambda: len(renewals) >= 1, "a renewal")
+                await await_until(lambda: len(renewals) >= 1, "a renewal")
                 await trio.to_thread.run_sync(etcd_restarter.stop)
                 await trio.sleep(1.0)   # renewals fall due meanwhile, and fail
                 await trio.to_thread.run_sync(etcd_restarter.start)
                 seen = len(renewals)
-                await _until(lambda: len(renewals) >= seen + 2, "renewals after the restart", 20)
+                await await_until(lambda: len(renewals) >= seen + 2, "renewals after the restart", 20)
                 kv = await trio.to_thread.run_sync(store.get, lease.key)
                 assert kv.lease == renewals[-1].lease_id and kv.value == attrs("node-a").to_json().encode()
                 await trio.to_thread.run_sync(store.delete, lease.key)   # the watch was opened again
@@ -370,7 +364,7 @@ async def test_a_lease_granted_for_a_renewal_whose_write_failed_is_revoked():
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: keep_subnet_lease(store, lease, margin_s=59.8, on_renew=renewals.append))
-            await _until(lambda: len(renewals) >= 2, "renewals after the failed writes")
+            await await_until(lambda: len(renewals) >= 2, "renewals after the failed writes")
             nursery.cancel_scope.cancel()
         assert len(failed_writes) == 2 and failed_revokes == ["lease_keys"]
         for lease_id in failed_writes:   # each revoked: the first at once, the second at the next renewal
