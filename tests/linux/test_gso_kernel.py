@@ -20,19 +20,12 @@ import pytest
 from podnet.core import gso
 
 from plumbing import read_frames
+from rfc1071 import fold_sum
 
 pytestmark = pytest.mark.root
 
 SRC, DST = "10.244.1.2", "10.244.2.2"
 SRC_MAC, DST_MAC = bytes.fromhex("020000000102"), bytes.fromhex("020000000202")
-
-
-def fold_sum(data: bytes) -> int:
-    data = bytes(data) + b"\x00" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def super_frame(payload: bytes, *, flags: int, seq: int, ip_id: int) -> bytes:

@@ -36,6 +36,7 @@ from podnet.linux.netns import get_sysctl, popen_in_netns, run_in_netns
 from podnet.testing import frames as F
 
 from plumbing import add_address, link_mac, set_up
+from rfc1071 import fold_sum
 
 pytestmark = pytest.mark.root
 
@@ -47,15 +48,6 @@ K_FLANNEL_IP = "10.244.1.0"   # flannel.1's /32: the source of what K itself sen
 # include/uapi/linux/if_packet.h and if_ether.h
 ETH_P_ALL, SOL_PACKET, PACKET_AUXDATA, PACKET_OUTGOING = 0x0003, 263, 8, 4
 TP_STATUS_CSUMNOTREADY, TP_STATUS_CSUM_VALID = 1 << 3, 1 << 7
-
-
-def fold_sum(data: bytes) -> int:
-    """The one's complement sum of 16-bit words, folded, not inverted (RFC 1071)."""
-    data = bytes(data) + b"\x00" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 @dataclass

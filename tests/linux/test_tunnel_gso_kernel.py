@@ -23,6 +23,7 @@ from podnet.core.overlay.vxlan import Vtep
 from podnet.linux.tap import TUN_F_UDP_TUNNEL_GSO
 
 from plumbing import read_frames
+from rfc1071 import fold_sum
 
 pytestmark = pytest.mark.root
 
@@ -30,14 +31,6 @@ SRC, DST = "10.244.1.2", "10.244.2.2"
 A_IP, B_IP = "192.0.2.1", "192.0.2.2"
 A_MAC, B_MAC = "02:00:c0:00:02:01", "02:00:c0:00:02:02"
 A_VTEP, B_VTEP = "0a:58:0a:f4:01:00", "0a:58:0a:f4:02:00"
-
-
-def fold_sum(data: bytes) -> int:
-    data = bytes(data) + b"\x00" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def super_frame(payload: bytes, mss: int) -> tuple[bytes, bytes]:
